@@ -1,0 +1,153 @@
+"""`ray-unlearn`: the command line. Thin: parse, build a config, call the engine, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Remove specific outputs from a trained diffusion model, without a prompt, and prove it.",
+)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
+SetOpt = Annotated[list[str], typer.Option("--set", "-s", help="Override a config key: train.lr=1e-4 (repeatable).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON (for scripts).")]
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _config(config, sets, method=None, steps=None, targets=(), target_seeds=()):
+    from ray_unlearn.config import ConfigError, load_config
+
+    overrides = list(sets)
+    if method:
+        overrides.insert(0, f"method.name={method}")
+    if steps is not None:
+        overrides.append(f"train.steps={steps}")
+    try:
+        cfg = load_config(config, overrides)
+        extra = [{"image": str(t)} for t in targets] + [{"seed": s} for s in target_seeds]
+        if extra:
+            from ray_unlearn.config import validate
+
+            data = cfg.model_dump(mode="json")
+            data["targets"] = data["targets"] + extra
+            cfg = validate(data)
+        return cfg
+    except ConfigError as err:
+        _fail(str(err))
+
+
+def _summary(report: dict) -> str:
+    lines = []
+    th = report.get("forget_threshold") or {}
+    if th:
+        lines.append(f"forget threshold: SSCD < {th['value']:.3f} ({th['kind']}: {th.get('source', '')})")
+    for r in report.get("targets", []):
+        verdict = "forgotten" if r["forgotten"] else f"NOT forgotten ({r['why']})"
+        lines.append(f"  target {r['id']}: SSCD base {r['sscd_base']:.3f} -> {r['sscd_unlearned']:.3f}  {verdict}")
+    i = report.get("integrity", {})
+    lines.append(
+        f"integrity on {i.get('n')} seeds: SSIM {i.get('ssim')}  LPIPS {i.get('lpips')}  FID {i.get('fid')}"
+        f"  ({'ok' if i.get('ok') else 'BELOW bound ' + str(i.get('min_ssim'))})"
+    )
+    for name, why in (i.get("unavailable") or {}).items():
+        lines.append(f"  {name} unavailable: {why}")
+    lines.append(f"passed: {report.get('passed')}   ({report.get('wall_seconds')} s)")
+    return "\n".join(lines)
+
+
+@app.command()
+def unlearn(
+    config: ConfigOpt = None,
+    set_: SetOpt = [],  # noqa: B006 - typer needs a literal default
+    target: Annotated[list[Path], typer.Option("--target", help="Image file of an output to forget (repeatable).")] = [],  # noqa: B006
+    target_seed: Annotated[list[int], typer.Option("--target-seed", help="Forget the base model's output for this seed (repeatable).")] = [],  # noqa: B006
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="surrogate | neggrad | erasediff | siss")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("runs/unlearn"),
+    json_out: JsonOpt = False,
+) -> None:
+    """Unlearn targets from a model (default: the shipped demo model); writes OUT/report.json,
+    OUT/hotfix/ (a diffusers DDPMPipeline) and OUT/before_after.png."""
+    cfg = _config(config, set_, method, steps, target, target_seed)
+    if not cfg.targets:
+        _fail("no targets: give --target IMAGE and/or --target-seed N (or `targets:` in the config)")
+    from ray_unlearn.engine import run_unlearning
+
+    try:
+        report = run_unlearning(cfg, out, progress=not json_out)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        _fail(str(err))
+    if json_out:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        typer.echo(_summary(report))
+        typer.echo(f"report: {out / 'report.json'}\nhotfix: {report['hotfix']['hotfix']}\npicture: {report['pictures']['before_after']}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Argument(help="The unlearned model (diffusers dir or hub id).")],
+    base: Annotated[str, typer.Option("--base", help="The base model.")] = "demo",
+    config: ConfigOpt = None,
+    set_: SetOpt = [],  # noqa: B006
+    target: Annotated[list[Path], typer.Option("--target")] = [],  # noqa: B006
+    target_seed: Annotated[list[int], typer.Option("--target-seed")] = [],  # noqa: B006
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write report.json and pictures here.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Forgetting and integrity figures for any two models (base vs MODEL)."""
+    cfg = _config(config, set_, None, None, target, target_seed)
+    if not cfg.targets:
+        _fail("no targets: give --target IMAGE and/or --target-seed N")
+    from ray_unlearn.engine import evaluate_models
+
+    try:
+        report = evaluate_models(cfg, base, model, out, progress=not json_out)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(json.dumps(report, indent=2) if json_out else _summary(report))
+
+
+@app.command()
+def methods(json_out: JsonOpt = False) -> None:
+    """List the unlearning methods and their settings."""
+    from ray_unlearn.config import EraseDiffConfig, NegGradConfig, SISSConfig, SurrogateMethodConfig
+
+    rows = {c().name: {"doc": (c.__doc__ or "").strip(), "settings": c().model_dump()}
+            for c in (SurrogateMethodConfig, NegGradConfig, EraseDiffConfig, SISSConfig)}
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for name, row in rows.items():
+        typer.echo(f"{name}: {row['doc']}\n    {row['settings']}")
+
+
+@app.command()
+def bench(
+    steps: Annotated[int, typer.Option(help="Timed steps per variant.")] = 10,
+    json_out: JsonOpt = False,
+) -> None:
+    """Side-by-side timings: surgery step vs plain fine-tuning step, sampling images/s."""
+    from ray_unlearn.bench import run_benchmark
+
+    res = run_benchmark(steps=steps, progress=not json_out)
+    typer.echo(json.dumps(res, indent=2) if json_out else "\n".join(f"{k}: {v}" for k, v in res.items()))
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

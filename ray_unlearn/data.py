@@ -1,0 +1,154 @@
+"""Images in and out, targets, and the remember set (base-model samples cached on disk)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ray_unlearn.config import RememberConfig, TargetSpec
+from ray_unlearn.families.base import DiffusionFamily
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+MAX_PIXELS = 64_000_000  # a decompression bomb is refused before it is decoded
+
+
+class ImageError(ValueError):
+    pass
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """A float CHW tensor in [0,1] (RGB, or one channel for grey files); clear errors otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path} is empty")
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageError(f"{path} is {im.width}x{im.height}; over the {MAX_PIXELS:,}-pixel limit")
+            im.load()
+            grey = im.mode in ("L", "I", "I;16", "F", "1", "LA")
+            im = im.convert("L" if grey else "RGB")
+            arr = np.asarray(im, dtype=np.float32) / 255.0
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as err:
+        raise ImageError(f"{path} is not a readable image ({err.__class__.__name__}: {err})") from None
+    t = torch.from_numpy(arr.copy())
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+
+
+def save_image(img: torch.Tensor, path: str | Path) -> None:
+    arr = (img.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    arr = arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
+    Image.fromarray(arr).save(path)
+
+
+def load_folder(folder: str | Path, limit: int | None = None) -> list[torch.Tensor]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageError(f"remember folder not found: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ImageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    return [load_image(p) for p in files[:limit]]
+
+
+def load_noise(path: str | Path) -> torch.Tensor:
+    path = Path(path)
+    if path.suffix == ".npy":
+        return torch.from_numpy(np.load(path)).float()
+    return torch.load(path, map_location="cpu", weights_only=True).float()
+
+
+def content_hash(*parts: object) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.numpy().tobytes() if isinstance(p, torch.Tensor) else json.dumps(p, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # readers never see a half-written cache entry
+
+
+class SampleCache:
+    """Base-model outputs for given seeds, keyed by (weights hash, seeds, sampler settings)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser() / "samples"
+
+    def key(self, family: DiffusionFamily, seeds: list[int]) -> str:
+        return content_hash(family.fingerprint(), list(map(int, seeds)), family.sampler.model_dump(exclude={"batch_size"}))
+
+    def get_or_generate(self, family: DiffusionFamily, seeds: list[int], desc: str) -> tuple[torch.Tensor, bool]:
+        path = self.root / f"{family.fingerprint()}-{self.key(family, seeds)}.pt"
+        if path.is_file():
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True), True
+            except Exception:
+                path.unlink(missing_ok=True)  # a corrupt entry is regenerated, not trusted
+        images = family.generate(family.initial_noise(seeds), progress=desc)
+        atomic_torch_save(images, path)
+        return images, False
+
+
+@dataclass
+class Target:
+    id: str
+    image: torch.Tensor  # the output to forget, prepared for the model, [C,H,W] in [0,1]
+    noise: torch.Tensor | None  # its initial noise when known (seed / noise file)
+    spec: TargetSpec
+
+    @property
+    def content_hash(self) -> str:
+        return content_hash(self.image.float().cpu())
+
+
+def resolve_targets(family: DiffusionFamily, specs: list[TargetSpec]) -> list[Target]:
+    """Targets given as files are read; targets given as a seed are the base model's output."""
+    if not specs:
+        raise ValueError("no targets: give --target IMAGE and/or --target-seed N")
+    targets, need = [], []
+    for spec in specs:
+        noise = None
+        if spec.seed is not None:
+            noise = family.initial_noise([spec.seed])[0]
+        elif spec.noise is not None:
+            noise = load_noise(spec.noise).reshape(family.initial_noise([0])[0].shape)
+        image = family.prepare_images(load_image(spec.image)[None])[0].cpu() if spec.image else None
+        targets.append(Target(spec.id, image, noise, spec))
+        if image is None:
+            need.append(len(targets) - 1)
+    if need:
+        outs = family.generate(torch.stack([targets[i].noise for i in need]), progress="base outputs of targets")
+        for i, img in zip(need, outs):
+            targets[i].image = img
+    ids = [t.id for t in targets]
+    for i, t in enumerate(targets):  # keep ids unique: they name files and report rows
+        if ids.count(t.id) > 1:
+            t.id = f"{t.id}-{i}"
+    return targets
+
+
+def remember_images(family: DiffusionFamily, cfg: RememberConfig, cache: SampleCache) -> torch.Tensor:
+    if cfg.source == "folder":
+        if not cfg.folder:
+            raise ValueError("remember.source='folder' needs remember.folder")
+        return torch.cat([family.prepare_images(x[None]).cpu() for x in load_folder(cfg.folder)])
+    seeds = list(range(cfg.seed_offset, cfg.seed_offset + cfg.n))
+    images, _ = cache.get_or_generate(family, seeds, "remember set (base samples)")
+    return images

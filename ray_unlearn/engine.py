@@ -1,0 +1,186 @@
+"""One unlearning run, start to finish: prepare -> train -> save the hotfix -> evaluate -> report.
+
+The phases are separate functions so the platform layer can wrap them (Ray Train runs `train`
+on each worker; Tune shares the cached base outputs across trials) without changing them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ray_unlearn import evaluate as ev
+from ray_unlearn.config import UnlearnConfig
+from ray_unlearn.data import SampleCache, Target, remember_images, resolve_targets, save_image
+from ray_unlearn.families.base import DiffusionFamily
+from ray_unlearn.families.ddpm import DDPMFamily
+from ray_unlearn.loop import Report, UnlearnData, UnlearnLoop, autocast_dtype, resolve_device
+from ray_unlearn.methods import build_method
+from ray_unlearn.metrics import Metrics, MetricsConfig
+from ray_unlearn.surrogates import make_surrogates
+from ray_unlearn.viz import before_after_figure, integrity_grid
+
+FAMILIES = {"ddpm": DDPMFamily}
+
+
+def load_family(cfg: UnlearnConfig, model_path: str | None = None, lora: bool = True) -> DiffusionFamily:
+    device = resolve_device(cfg.train.device)
+    model_cfg = cfg.model.model_copy(update={"path": model_path or cfg.model.path, "lora": cfg.model.lora if lora else None})
+    return FAMILIES[cfg.model.family](model_cfg, cfg.sampler, device, autocast_dtype(cfg.train.precision, device))
+
+
+def build_metrics(cfg: UnlearnConfig, device: torch.device | str = "cpu") -> Metrics:
+    m = cfg.eval.metrics
+    return Metrics(
+        MetricsConfig(
+            sscd_path=m.sscd_path,
+            lpips_net=m.lpips_net,
+            lpips_backbone_path=m.lpips_backbone_path,
+            fid_inception_path=m.fid_inception_path,
+            batch_size=m.batch_size,
+        ),
+        device=device,
+    )
+
+
+@dataclass
+class Prepared:
+    cfg: UnlearnConfig
+    family: DiffusionFamily
+    targets: list[Target]
+    surrogates: torch.Tensor  # images [0,1]
+    remember: torch.Tensor  # images [0,1]
+    target_base: torch.Tensor  # base model's outputs for the targets
+    integrity_base: torch.Tensor  # base model's outputs for the integrity seeds
+    cache_hits: dict
+
+    def data(self) -> UnlearnData:
+        f = self.family
+        forget = torch.stack([t.image for t in self.targets])
+        return UnlearnData(f.encode(forget).cpu(), f.encode(self.surrogates).cpu(), f.encode(self.remember).cpu())
+
+
+def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None) -> Prepared:
+    """Everything computed with the base weights, before any of them change."""
+    family = family or load_family(cfg)
+    cache = SampleCache(cfg.cache_dir)
+    targets = resolve_targets(family, cfg.targets)
+    surrogates = make_surrogates(family, torch.stack([t.image for t in targets]).to(family.device), cfg.surrogate)
+    remember = remember_images(family, cfg.remember, cache)
+    target_base = ev.model_outputs_for_targets(family, targets)
+    integrity_base, hit = cache.get_or_generate(family, ev.integrity_seeds(cfg.eval), "integrity (base)")
+    return Prepared(cfg, family, targets, surrogates, remember, target_base, integrity_base, {"integrity_base": hit})
+
+
+def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state: dict | None = None,
+          progress: bool = True, on_step=None) -> UnlearnLoop:
+    method = build_method(prep.cfg.method, prep.family)
+    loop = UnlearnLoop(prep.family, method, prep.data(), prep.cfg.train, reduce_grads)
+    if state is not None:
+        loop.load_state_dict(state)
+    if on_step is None:
+        loop.run(report, progress=progress)
+    else:  # the platform checkpoints between steps
+        def _report(logs, step):
+            if report is not None:
+                report(logs, step)
+            on_step(loop, logs, step)
+
+        loop.run(_report, progress=progress)
+    return loop
+
+
+def judge(prep: Prepared, metrics: Metrics | None = None, progress: bool = True) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Evaluate the family's current (unlearned) weights against the base outputs."""
+    fam, cfg = prep.family, prep.cfg
+    metrics = metrics or build_metrics(cfg, fam.device)
+    desc = "integrity (unlearned)" if progress else None
+    target_new = ev.model_outputs_for_targets(fam, prep.targets)
+    integrity_new = fam.generate(fam.initial_noise(ev.integrity_seeds(cfg.eval)), progress=desc)
+    result = ev.evaluate_outputs(
+        cfg.eval, metrics, prep.targets, prep.target_base, target_new, prep.integrity_base, integrity_new, prep.remember
+    )
+    result["metric_sources"] = metrics.sources()
+    return result, target_new, integrity_new
+
+
+def write_outputs(prep: Prepared, out_dir: Path, result: dict, target_new, integrity_new, hotfix: dict,
+                  wall_seconds: float, extra: dict | None = None) -> dict:
+    cfg = prep.cfg
+    out_dir.mkdir(parents=True, exist_ok=True)
+    picture = before_after_figure(
+        out_dir / "before_after.png",
+        torch.stack([t.image for t in prep.targets]),
+        prep.surrogates,
+        prep.target_base,
+        target_new,
+        result["targets"],
+        prep.integrity_base,
+        integrity_new,
+        title=f"{cfg.method.name}: forgotten={result['all_forgotten']}  integrity SSIM={result['integrity']['ssim']}",
+    )
+    grid = integrity_grid(out_dir / "integrity_grid.png", prep.integrity_base, integrity_new)
+    samples = out_dir / "samples"
+    samples.mkdir(exist_ok=True)
+    for t, img in zip(prep.targets, target_new):
+        save_image(img, samples / f"{t.id}-after.png")
+    report = {
+        "method": cfg.method.name,
+        "config": cfg.model_dump(mode="json"),
+        "base_model": prep.family.describe(),
+        "hotfix": hotfix,
+        **result,
+        "pictures": {"before_after": str(picture), "integrity_grid": str(grid)},
+        "cache": prep.cache_hits,
+        "wall_seconds": round(wall_seconds, 2),
+        **(extra or {}),
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def run_unlearning(cfg: UnlearnConfig, out_dir: str | Path, report: Report | None = None, progress: bool = True) -> dict:
+    """The whole engine for one request: what `ray-unlearn unlearn` runs."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    prep = prepare(cfg)
+    history: list[dict] = []
+
+    def _report(logs: dict, step: int) -> None:
+        history.append({"step": step, **logs})
+        if report is not None:
+            report(logs, step)
+
+    t_train = time.perf_counter()
+    train(prep, _report, progress=progress)
+    train_seconds = time.perf_counter() - t_train
+    hotfix = prep.family.save(out_dir / "hotfix")
+    result, target_new, integrity_new = judge(prep, progress=progress)
+    (out_dir / "history.json").parent.mkdir(parents=True, exist_ok=True)
+    (out_dir / "history.json").write_text(json.dumps(history) + "\n")
+    return write_outputs(
+        prep, out_dir, result, target_new, integrity_new, hotfix, time.perf_counter() - t0,
+        {"train_seconds": round(train_seconds, 2), "steps": prep.cfg.train.steps},
+    )
+
+
+def evaluate_models(cfg: UnlearnConfig, base_path: str, new_path: str, out_dir: str | Path | None = None,
+                    progress: bool = True) -> dict:
+    """`ray-unlearn evaluate`: the same figures for any two models of the same family."""
+    t0 = time.perf_counter()
+    base = load_family(cfg, base_path, lora=False)
+    prep = prepare(cfg, base)
+    new = load_family(cfg, new_path, lora=False)
+    prep.family = new
+    result, target_new, integrity_new = judge(prep, progress=progress)
+    prep.family = base
+    out = {"base_model": base.describe(), "model": new.describe(), **result, "wall_seconds": round(time.perf_counter() - t0, 2)}
+    if out_dir is not None:
+        out = write_outputs(prep, Path(out_dir), result, target_new, integrity_new,
+                            {"hotfix": new_path, "adapter": None}, time.perf_counter() - t0,
+                            {"model": new.describe(), "method": "evaluate"})
+    return out

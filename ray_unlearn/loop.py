@@ -1,0 +1,150 @@
+"""The single-process unlearning loop. Plain PyTorch: it knows nothing of Ray or MLflow.
+
+Callers plug in through `report(metrics, step)` and, for data parallelism, `reduce_grads`, which
+averages a list of gradients across workers. The forget and remember gradients are reduced
+separately *before* surgery, so every worker projects the same global gradients and stays in sync
+(DDP's reduce-after-backward would average already-projected local gradients, which is not the
+same step: projection is not linear).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ray_unlearn.config import TrainConfig
+from ray_unlearn.families.base import DiffusionFamily
+from ray_unlearn.methods.base import Method
+from ray_unlearn.surgery import Grads
+
+Report = Callable[[dict, int], None]
+
+
+@dataclass
+class UnlearnData:
+    """Everything in the family's space: forget samples, their surrogates, the remember set."""
+
+    forget: torch.Tensor  # [F, ...]
+    surrogate: torch.Tensor  # [F, ...]
+    remember: torch.Tensor  # [R, ...]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but no CUDA device is visible; use train.device=cpu")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where the device supports it ('auto': CUDA with bf16); None = fp32."""
+    if precision == "fp32":
+        return None
+    supported = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "bf16":
+        if device.type == "cpu":
+            return torch.bfloat16  # works on CPU, slower than fp32 on most; asked for explicitly
+        if not supported:
+            raise RuntimeError("train.precision=bf16 but this GPU has no bf16 support; use fp32")
+        return torch.bfloat16
+    return torch.bfloat16 if supported else None
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _add(acc: Grads | None, g: Grads) -> Grads:
+    return list(g) if acc is None else [a + b for a, b in zip(acc, g)]
+
+
+class UnlearnLoop:
+    def __init__(
+        self,
+        family: DiffusionFamily,
+        method: Method,
+        data: UnlearnData,
+        cfg: TrainConfig,
+        reduce_grads: Callable[[Grads], Grads] | None = None,
+    ):
+        self.family, self.method, self.data, self.cfg = family, method, data, cfg
+        self.params = family.trainable_parameters()
+        if not self.params:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = make_optimizer(self.params, cfg)
+        self.reduce = reduce_grads or (lambda g: g)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.step_count = 0
+        dev = family.device
+        self.forget = data.forget.to(dev)
+        self.surrogate = data.surrogate.to(dev)
+        self.remember = data.remember.to(dev)
+
+    def batch(self) -> dict:
+        fi = torch.randint(0, len(self.forget), (self.cfg.batch_forget,), generator=self.gen)
+        ri = torch.randint(0, len(self.remember), (self.cfg.batch_remember,), generator=self.gen)
+        fi, ri = fi.to(self.forget.device), ri.to(self.remember.device)
+        return {"forget": {"x0": self.forget[fi], "x_s": self.surrogate[fi]}, "remember": {"x0": self.remember[ri]}}
+
+    def step(self) -> dict:
+        t0 = time.perf_counter()
+        g_f = g_r = None
+        logs: dict[str, float] = {}
+        for _ in range(self.cfg.grad_accum):
+            gf, gr, micro = self.method.gradients(self.batch(), self.gen, self.params)
+            g_f, g_r = _add(g_f, gf), _add(g_r, gr)
+            for k, v in micro.items():
+                logs[k] = logs.get(k, 0.0) + v / self.cfg.grad_accum
+        if self.cfg.grad_accum > 1:
+            g_f = [g / self.cfg.grad_accum for g in g_f]
+            g_r = [g / self.cfg.grad_accum for g in g_r]
+        g_f, g_r = self.reduce(g_f), self.reduce(g_r)
+        grads, combine_logs = self.method.combine(g_f, g_r)
+        for p, g in zip(self.params, grads):
+            p.grad = g.to(p.dtype)
+        if self.cfg.max_grad_norm is not None:
+            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        logs.update(combine_logs)
+        logs["step_seconds"] = time.perf_counter() - t0
+        return logs
+
+    def run(self, report: Report | None = None, progress: bool = True) -> dict:
+        logs: dict = {}
+        bar = tqdm(total=self.cfg.steps, initial=self.step_count, desc=f"unlearn ({self.method.name})", disable=not progress)
+        while self.step_count < self.cfg.steps:
+            logs = self.step()
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.endswith("loss")})
+            if report is not None:
+                report(logs, self.step_count)
+        bar.close()
+        return logs
+
+    # checkpoint / resume: weights of what trains, the optimizer, the step and the RNG
+    def state_dict(self) -> dict:
+        return {
+            "params": [p.detach().cpu().clone() for p in self.params],
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step_count,
+            "rng": self.gen.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.params, state["params"], strict=True):
+                p.copy_(saved.to(p.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_count = int(state["step"])
+        self.gen.set_state(state["rng"])

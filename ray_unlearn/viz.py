@@ -1,0 +1,83 @@
+"""The pictures people look at: each target before/after, and integrity samples base vs unlearned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def _show(ax, img: torch.Tensor, title: str | None = None, color: str = "black") -> None:
+    arr = img.detach().float().clamp(0, 1).cpu()
+    if arr.shape[0] == 1:
+        ax.imshow(arr[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(arr.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8, color=color)
+
+
+def before_after_figure(
+    path: str | Path,
+    targets: torch.Tensor,
+    surrogates: torch.Tensor,
+    target_base: torch.Tensor,
+    target_new: torch.Tensor,
+    rows: list[dict],
+    integrity_base: torch.Tensor,
+    integrity_new: torch.Tensor,
+    title: str,
+    n_integrity: int = 8,
+) -> Path:
+    n_t = len(targets)
+    n_i = min(n_integrity, len(integrity_base))
+    cols = max(4, n_i)
+    fig, axes = plt.subplots(n_t + 2, cols, figsize=(1.4 * cols, 1.55 * (n_t + 2)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n_t):
+        row = rows[i] if i < len(rows) else {}
+        ok = row.get("forgotten")
+        verdict = "forgotten" if ok else ("ARTIFACTS" if row.get("artifact") else "not forgotten")
+        panels = [
+            (targets[i], f"target {row.get('id', i)}", "black"),
+            (surrogates[i], "surrogate", "black"),
+            (target_base[i], f"base  SSCD {row.get('sscd_base', float('nan')):.2f}", "black"),
+            (target_new[i], f"after {row.get('sscd_unlearned', float('nan')):.2f}\n{verdict}", "green" if ok else "red"),
+        ]
+        for j, (img, label, color) in enumerate(panels):
+            axes[i, j].axis("on")
+            _show(axes[i, j], img, label, color)
+    for j in range(n_i):
+        for r, (imgs, label) in enumerate(((integrity_base, "base"), (integrity_new, "unlearned"))):
+            ax = axes[n_t + r, j]
+            ax.axis("on")
+            _show(ax, imgs[j], f"{label} #{j}" if j == 0 else None)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def integrity_grid(path: str | Path, base: torch.Tensor, new: torch.Tensor, n: int = 16) -> Path:
+    """Alternating rows: base outputs, then the unlearned model's from the same noise."""
+    from torchvision.utils import save_image
+
+    n = min(n, len(base))
+    per_row = 8
+    rows = []
+    for i in range(0, n, per_row):
+        rows += [base[i : i + per_row], new[i : i + per_row]]
+    grid = torch.cat(rows)
+    if grid.shape[-1] < 128:  # small models: upscale so a person can see faces
+        grid = torch.nn.functional.interpolate(grid, scale_factor=4, mode="nearest")
+    save_image(grid, path, nrow=per_row, padding=2, pad_value=1.0)
+    return Path(path)
