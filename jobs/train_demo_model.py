@@ -58,8 +58,8 @@ def sample_grid(unet: UNet2DModel, scheduler: DDPMScheduler, n: int, path: Path)
     ddim.set_timesteps(50)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 1, RESOLUTION, RESOLUTION, generator=g)
-    for t in ddim.timesteps:
-        x = ddim.step(unet(x, t).sample, t, x).prev_sample
+    for t in ddim.timesteps:  # eta=1, the demo's default sampler (see SamplerConfig.eta)
+        x = ddim.step(unet(x, t).sample, t, x, eta=1.0, generator=g).prev_sample
     save_image((x + 1) / 2, path, nrow=8)
 
 

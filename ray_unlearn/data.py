@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -14,6 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from ray_unlearn.config import RememberConfig, TargetSpec
+from ray_unlearn.hashing import content_hash
 from ray_unlearn.families.base import DiffusionFamily
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -68,13 +67,6 @@ def load_noise(path: str | Path) -> torch.Tensor:
     if path.suffix == ".npy":
         return torch.from_numpy(np.load(path)).float()
     return torch.load(path, map_location="cpu", weights_only=True).float()
-
-
-def content_hash(*parts: object) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.numpy().tobytes() if isinstance(p, torch.Tensor) else json.dumps(p, sort_keys=True).encode())
-    return h.hexdigest()[:16]
 
 
 def atomic_torch_save(obj, path: Path) -> None:

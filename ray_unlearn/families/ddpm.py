@@ -15,6 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ray_unlearn import diffusion
+from ray_unlearn.hashing import content_hash
 from ray_unlearn.config import DEMO_MODEL, LoraSettings, ModelConfig, SamplerConfig
 from ray_unlearn.families.base import DiffusionFamily
 
@@ -161,16 +162,24 @@ class DDPMFamily(DiffusionFamily):
         ddim.set_timesteps(self.sampler.steps, device=self.device)
         return ddim
 
+    def _noise_generators(self, seeds: list[int]) -> list[torch.Generator] | None:
+        """Per-sample generators for DDIM's eta > 0 noise, so a sample never depends on its batch."""
+        if self.sampler.eta <= 0:
+            return None
+        return [torch.Generator().manual_seed(int(s) & 0xFFFF_FFFF_FFFF) for s in seeds]
+
     @torch.no_grad()
-    def _denoise(self, x: torch.Tensor, timesteps, ddim: DDIMScheduler, model: nn.Module, seed: int) -> torch.Tensor:
-        g = torch.Generator(self.device).manual_seed(seed) if self.sampler.eta > 0 else None
+    def _denoise(self, x, timesteps, ddim: DDIMScheduler, model: nn.Module, gens) -> torch.Tensor:
         for t in timesteps:
             eps = self.predict(x, t.expand(len(x)), model=model)
-            x = ddim.step(eps, t, x, eta=self.sampler.eta, generator=g).prev_sample
+            var = None
+            if gens is not None:
+                var = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, x.dtype)
+            x = ddim.step(eps, t, x, eta=self.sampler.eta, variance_noise=var).prev_sample
         return x
 
     @torch.no_grad()
-    def generate(self, noise, *, model=None, progress=None, seed: int = 0) -> torch.Tensor:
+    def generate(self, noise, *, model=None, progress=None) -> torch.Tensor:
         model = model or self.model
         was_training = model.training
         model.eval()
@@ -179,8 +188,11 @@ class DDPMFamily(DiffusionFamily):
         chunks = range(0, len(noise), bs)
         for i in tqdm(chunks, desc=progress, disable=progress is None or len(chunks) == 0, leave=False):
             ddim = self._ddim()
-            x = noise[i : i + bs].to(self.device) * ddim.init_noise_sigma
-            out.append(self.decode(self._denoise(x, ddim.timesteps, ddim, model, seed)).cpu())
+            chunk = noise[i : i + bs]
+            # the eta noise of a sample is seeded by its initial noise: reproducible per sample
+            gens = self._noise_generators([int.from_bytes(bytes.fromhex(content_hash(n)[:12]), "big") for n in chunk])
+            x = chunk.to(self.device) * ddim.init_noise_sigma
+            out.append(self.decode(self._denoise(x, ddim.timesteps, ddim, model, gens)).cpu())
         model.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.channels, *self.size)
 
@@ -199,7 +211,7 @@ class DDPMFamily(DiffusionFamily):
         x = ddim.add_noise(x0, eps, timesteps[:1].expand(len(x0)))
         was_training = model.training
         model.eval()
-        out = self._denoise(x, timesteps, ddim, model, seed)
+        out = self._denoise(x, timesteps, ddim, model, self._noise_generators([seed * 100_003 + i for i in range(len(x))]))
         model.train(was_training)
         return self.decode(out).cpu()
 

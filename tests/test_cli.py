@@ -1,0 +1,94 @@
+"""The real CLI as a subprocess: a tiny model end to end (fast), and the shipped demo model (slow)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, timeout=900, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "ray_unlearn.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def tiny_args(model_dir, tmp_path):
+    return ["--set", f"model.path={model_dir}", "--set", "sampler.steps=4", "--set", "remember.n=4",
+            "--set", "eval.n_integrity=4", "--set", f"cache_dir={tmp_path / 'cache'}", "--set", "train.batch_forget=2",
+            "--set", "train.batch_remember=2"]
+
+
+def test_unlearn_tiny_model_writes_report_hotfix_picture(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    res = cli("unlearn", *tiny_args(tiny_model_dir, tmp_path), "--target-seed", "3", "--steps", "2", "--out", out, "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["targets"] == report["targets"]
+    for key in ("method", "config", "base_model", "hotfix", "targets", "forget_threshold", "integrity", "wall_seconds"):
+        assert key in report
+    (row,) = report["targets"]
+    assert row["id"] == "seed-3" and abs(row["sscd_base"] - 1.0) < 1e-3  # the target IS the base output
+    assert report["forget_threshold"]["kind"] == "calibrated" and 0 < report["forget_threshold"]["value"] < 1
+    assert report["integrity"]["n"] == 4 and 0 < report["integrity"]["ssim"] <= 1
+    assert "lpips" in report["integrity"]["unavailable"] or report["integrity"]["lpips"] is not None
+    assert (out / "hotfix" / "model_index.json").is_file() and (out / "before_after.png").stat().st_size > 1000
+    # a second run reuses the cached base outputs
+    res2 = cli("unlearn", *tiny_args(tiny_model_dir, tmp_path), "--target-seed", "3", "--steps", "1", "--out", tmp_path / "r2", "--json")
+    assert res2.returncode == 0 and json.loads(res2.stdout)["cache"]["integrity_base"] is True
+    # evaluate: the same figures for any two models
+    res3 = cli("evaluate", out / "hotfix", "--base", tiny_model_dir, *tiny_args(tiny_model_dir, tmp_path), "--target-seed", "3", "--json")
+    assert res3.returncode == 0, res3.stderr[-3000:]
+    ev = json.loads(res3.stdout)
+    assert abs(ev["targets"][0]["sscd_unlearned"] - row["sscd_unlearned"]) < 1e-3
+
+
+def test_image_target_and_bad_inputs(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "face.png"
+    Image.new("RGB", (40, 40), (120, 60, 30)).save(img)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    res = cli("unlearn", *tiny_args(tiny_model_dir, tmp_path), "--target", bad, "--steps", "1", "--out", tmp_path / "x")
+    assert res.returncode == 2 and "broken.png is not a readable image" in res.stderr
+    res = cli("unlearn", "--set", "train.lrr=1", "--target-seed", "1")
+    assert res.returncode == 2 and "train.lrr" in res.stderr and "Traceback" not in res.stderr
+    res = cli("unlearn", "--steps", "1")
+    assert res.returncode == 2 and "no targets" in res.stderr
+    res = cli("unlearn", *tiny_args(tiny_model_dir, tmp_path), "--target", img, "--steps", "1",
+              "--set", "surrogate.kind=flip", "--method", "neggrad", "--out", tmp_path / "y", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["targets"][0]["id"] == "face"
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_surrogate_forgets_neggrad_damages(tmp_path):
+    """The acceptance run on the shipped demo model through the real CLI."""
+    cache = ["--set", f"cache_dir={tmp_path / 'cache'}"]
+    ours = cli("unlearn", "--target-seed", "7", "--out", tmp_path / "ours", "--json", *cache)
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    r = json.loads(ours.stdout)
+    (row,) = r["targets"]
+    assert row["sscd_unlearned"] < r["forget_threshold"]["value"] < row["sscd_base"]
+    assert row["forgotten"] and not row["artifact"]
+    assert r["integrity"]["ssim"] >= r["integrity"]["min_ssim"] and r["passed"]
+    neg = cli("unlearn", "--target-seed", "7", "--method", "neggrad", "--out", tmp_path / "neg", "--json", *cache,
+              "--set", f"train.steps={r['config']['train']['steps']}", "--set", f"train.lr={r['config']['train']['lr']}")
+    assert neg.returncode == 0, neg.stderr[-3000:]
+    n = json.loads(neg.stdout)
+    assert n["integrity"]["ssim"] < r["integrity"]["ssim"]
+    assert n["integrity"]["fid"] > r["integrity"]["fid"]
+    code = (
+        "import torch; from diffusers import DDPMPipeline\n"
+        f"p = DDPMPipeline.from_pretrained({str(tmp_path / 'ours' / 'hotfix')!r})\n"
+        "img = p(batch_size=2, num_inference_steps=10, generator=torch.manual_seed(0), output_type='np').images\n"
+        "assert img.shape == (2, 32, 32, 1) and img.std() > 0.05, img.shape\nprint('generated', img.shape)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "generated" in res.stdout, res.stderr[-2000:]
