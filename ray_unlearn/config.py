@@ -276,6 +276,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
             data["method"] = method_defaults(value)
             continue
         _set_dotted(data, key, value)
+    if isinstance(data.get("method"), dict):  # `method.beta=3` alone means: the default method's beta
+        data["method"].setdefault("name", SurrogateMethodConfig().name)
     return validate(data)
 
 

@@ -1,0 +1,109 @@
+"""The deletion-request record, its errors, and checks on what callers hand in (ids, notes, holders)."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+State = Literal["pending", "claimed", "done", "failed", "invalid"]
+STATES: tuple[str, ...] = ("pending", "claimed", "done", "failed", "invalid")
+TERMINAL = frozenset({"done", "failed", "invalid"})
+ID_RE = re.compile(r"^req-[0-9a-f]{16}$")
+NOTE_MAX = 1000
+REASON_MAX = 2000
+HOLDER_MAX = 200
+SEED_MAX = 2**63 - 1
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+class RequestError(ValueError):
+    """A request, id or argument that cannot be accepted; the message says what to do instead."""
+
+
+class RequestNotFound(RequestError, KeyError):
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0]) if self.args else "request not found"
+
+
+class LeaseLost(RuntimeError):
+    """The caller no longer holds the request's lease (another processor took it, or it ended).
+
+    Whoever gets this must stop working on the request and must not apply its result.
+    """
+
+
+class RequestRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="'req-' + first 16 hex digits of content_sha256.")
+    content_sha256: str = Field(description="sha256 of the normalised pixels (mode, size, bytes).")
+    state: State = "pending"
+    seed: int | None = Field(None, description="Seed of the base-model output, when the requester knows it.")
+    note: str | None = Field(None, description="The requester's note, plain text, never interpreted.")
+    width: int
+    height: int
+    mode: Literal["RGB", "L"]
+    source_format: str = Field(description="Format of the submitted file (PNG, JPEG, ...).")
+    created_at: datetime
+    updated_at: datetime
+    lease_holder: str | None = None
+    lease_expires_at: datetime | None = None
+    attempts: int = Field(0, description="How many times the request has been claimed.")
+    reason: str | None = Field(None, description="Why it failed or is invalid.")
+    evidence: dict[str, Any] = Field(default_factory=dict, description="Filled by the processor.")
+    image_key: str | None = Field(None, description="Storage key of the normalised PNG; None once purged.")
+
+    def public(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def check_id(request_id: str) -> str:
+    """Ids name storage keys: only the exact shape we mint is accepted, before any store access."""
+    if not isinstance(request_id, str) or not ID_RE.match(request_id):
+        shown = repr(request_id)[:80]
+        raise RequestError(f"invalid request id {shown}: ids look like 'req-' + 16 hex digits (see `requests list`)")
+    return request_id
+
+
+def _plain_text(value: str, what: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise RequestError(f"{what} must be text, got {type(value).__name__}")
+    value = unicodedata.normalize("NFC", value).strip()
+    if len(value) > limit:
+        raise RequestError(f"{what} is {len(value)} characters; the limit is {limit}: shorten it")
+    # control characters (ESC, NUL, ...) could rewrite an operator's terminal when shown
+    # (and so could bidi overrides, which can make a shown id or reason read backwards)
+    bad = sorted({f"U+{ord(c):04X}" for c in value
+                  if (unicodedata.category(c) == "Cc" and c not in "\n\t") or c in _BIDI})
+    if bad:
+        raise RequestError(f"{what} contains control characters ({', '.join(bad[:5])}): send plain text")
+    return value
+
+
+def check_note(note: str | None) -> str | None:
+    return (_plain_text(note, "the note", NOTE_MAX) or None) if note is not None else None
+
+
+def check_reason(reason: str) -> str:
+    reason = _plain_text(reason, "the reason", REASON_MAX)
+    if not reason:
+        raise RequestError("give a reason (it is shown to operators and kept in the ledger)")
+    return reason
+
+
+def check_holder(holder: str) -> str:
+    if not isinstance(holder, str) or not holder.strip():
+        raise RequestError("a holder name is required (unique per processor process, e.g. host-pid-uuid)")
+    return _plain_text(holder, "the holder name", HOLDER_MAX)
+
+
+def check_seed(seed: int | None) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise RequestError(f"seed must be an integer in [0, 2**63-1], got {seed!r}")
+    return seed
