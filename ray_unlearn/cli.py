@@ -145,6 +145,11 @@ def bench(
     typer.echo(json.dumps(res, indent=2) if json_out else "\n".join(f"{k}: {v}" for k, v in res.items()))
 
 
+from ray_unlearn.requests.cli import requests_app  # noqa: E402
+
+app.add_typer(requests_app, name="requests", help="Deletion requests: submit, list, show (the queue).")
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 
