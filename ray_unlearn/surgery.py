@@ -13,7 +13,9 @@ MODES = ("none", "project_forget", "pcgrad")
 
 
 def dot(a: Grads, b: Grads) -> torch.Tensor:
-    return sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True))
+    """<a, b> over all tensors: per-tensor dots in the gradients' dtype, summed in float64
+    (one device sync when the result is compared, not one per parameter)."""
+    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)]).double().sum()
 
 
 def norm_sq(a: Grads) -> torch.Tensor:
@@ -22,13 +24,13 @@ def norm_sq(a: Grads) -> torch.Tensor:
 
 def axpy(alpha: torch.Tensor | float, x: Grads, y: Grads) -> Grads:
     """y + alpha * x, a new list."""
-    return [yi + (alpha * xi.double()).to(yi.dtype) for xi, yi in zip(x, y, strict=True)]
+    return list(torch._foreach_add(list(y), list(x), alpha=float(alpha)))
 
 
-def project_conflict(g: Grads, onto: Grads, d: torch.Tensor | None = None) -> Grads:
+def project_conflict(g: Grads, onto: Grads, d: torch.Tensor | None = None, n: torch.Tensor | None = None) -> Grads:
     """g minus its component along `onto` when the two conflict (<g, onto> < 0); else g itself."""
     d = dot(g, onto) if d is None else d
-    n = norm_sq(onto)
+    n = norm_sq(onto) if n is None else n
     if d >= 0 or n == 0:
         return list(g)
     return axpy(-d / n, onto, g)
@@ -47,7 +49,7 @@ def combine(g_f: Grads, g_r: Grads, mode: str = "project_forget") -> tuple[Grads
     cos = float(d / (nf.sqrt() * nr.sqrt())) if nf > 0 and nr > 0 else 0.0
     logs = {"surgery/cos": cos, "surgery/conflict": float(d < 0)}
     if mode == "none" or d >= 0:
-        return [f + r for f, r in zip(g_f, g_r, strict=True)], logs
-    f_new = project_conflict(g_f, g_r, d)
-    r_new = project_conflict(g_r, g_f, d) if mode == "pcgrad" else g_r
-    return [f + r for f, r in zip(f_new, r_new, strict=True)], logs
+        return list(torch._foreach_add(list(g_f), list(g_r))), logs
+    f_new = project_conflict(g_f, g_r, d, nr)
+    r_new = project_conflict(g_r, g_f, d, nf) if mode == "pcgrad" else g_r
+    return list(torch._foreach_add(f_new, list(r_new))), logs

@@ -1,0 +1,257 @@
+"""Ray Train around the engine: data-parallel unlearning with checkpoints and fault tolerance.
+
+Each worker runs the engine's phases (`prepare` -> `train` -> on rank 0: save, `judge`,
+`write_outputs`). Ray is only here; the engine is unchanged.
+
+Why an explicit all-reduce and not DDP: the loop computes the forget and the remember gradients
+separately and then combines them with gradient surgery (a projection, which is not linear).
+Every worker must project the same *global* gradients to take the same step, so the two
+gradient lists are averaged across workers *before* surgery, through the loop's `reduce_grads`
+hook. DDP reduces after backward, i.e. it would average gradients that each worker had already
+projected locally: a different (and worker-dependent) step.
+
+Ray Train V2 (the default in Ray 2.60) rules this module relies on:
+- `ray.train.report` is a barrier: every worker calls it the same number of times. Workers other
+  than rank 0 report metrics with `checkpoint=None`; only rank 0's metrics are kept.
+- `ray.train.get_checkpoint()` returns the latest reported checkpoint when the worker group is
+  restarted after a failure (`FailureConfig(max_failures)`), or when a run with the same name
+  and storage path is started again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import ray.train
+import ray.train.torch
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+
+from ray_unlearn.config import UnlearnConfig
+from ray_unlearn.engine import judge, prepare, train, write_outputs
+from ray_unlearn.hashing import content_hash
+
+STATE_FILE = "loop_state.pt"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def make_allreduce(world_size: int):
+    """`reduce_grads` for the loop: the mean over workers of a list of gradients, in one call."""
+
+    def reduce_grads(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        # one flat fp32 buffer: a single collective per gradient list instead of one per tensor
+        flat = torch.cat([g.detach().reshape(-1).float() for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world_size)
+        out, offset = [], 0
+        for g in grads:
+            n = g.numel()
+            out.append(flat[offset:offset + n].view_as(g).to(g.dtype))
+            offset += n
+        return out
+
+    return reduce_grads
+
+
+def broadcast_parameters(params: list[torch.Tensor], src: int = 0) -> None:
+    """Start every worker from rank 0's trainable weights (LoRA init is random), as DDP does."""
+    with torch.no_grad():
+        flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+        dist.broadcast(flat, src=src)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.copy_(flat[offset:offset + n].view_as(p).to(p.dtype))
+            offset += n
+
+
+def param_checksum(params: list[torch.Tensor]) -> float:
+    """A position-sensitive sum of the trainable weights: equal on workers that are in sync."""
+    total = 0.0
+    for i, p in enumerate(params):
+        w = torch.arange(1, p.numel() + 1, dtype=torch.float64, device=p.device) / p.numel()
+        total += (i + 1) * float((p.detach().reshape(-1).double() * w).sum())
+    return total
+
+
+def _gather(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _load_state(checkpoint: Checkpoint | None, rank: int) -> dict | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        path = Path(d) / STATE_FILE
+        if not path.is_file():
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    per_rank = state.pop("rng_per_rank", None)
+    if per_rank is not None and rank < len(per_rank):
+        state["rng"] = per_rank[rank]  # each worker resumes its own batch/noise stream
+    return state
+
+
+def _maybe_fail(config: dict, rank: int, step: int) -> None:
+    """Fault injection for tests and drills: exit hard once, at a given step, on a given rank.
+
+    `{"step": k, "rank": r, "marker": path, "after_s": s}`: the marker file makes it happen once
+    across restarts. `after_s` waits first: Ray Train registers a reported checkpoint only when
+    the controller next polls the workers (every 2 s by default), so a worker that dies right
+    after reporting may take its last checkpoint with it.
+    """
+    spec = config.get("fail_once")
+    if not spec or rank != spec.get("rank", 0) or step != spec["step"]:
+        return
+    marker = Path(spec["marker"])
+    if marker.exists():
+        return
+    marker.write_text(f"failed at step {step}\n")
+    time.sleep(float(spec.get("after_s", 0)))
+    os._exit(1)
+
+
+def _summary(result: dict) -> dict:
+    sscd = [r["sscd_unlearned"] for r in result.get("targets", []) if r.get("sscd_unlearned") is not None]
+    return {
+        "forgotten": bool(result.get("all_forgotten")),
+        "sscd": max(sscd) if sscd else None,
+        "integrity_ssim": result.get("integrity", {}).get("ssim"),
+        "fid": result.get("integrity", {}).get("fid"),
+        "passed": bool(result.get("passed")),
+    }
+
+
+def train_loop_per_worker(config: dict) -> dict | None:
+    """The Ray Train worker function. `config["unlearn"]` is an `UnlearnConfig` as a dict."""
+    t0 = time.perf_counter()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    every = max(1, int(config.get("checkpoint_every", 10)))
+
+    cfg = UnlearnConfig.model_validate(config["unlearn"])
+    device = ray.train.torch.get_device()
+    # every worker draws its own batches, timesteps and noises (seed + rank): the averaged
+    # gradient is that of a world_size times larger batch
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": str(device), "seed": cfg.train.seed + rank})})
+
+    # rank 0 fills the on-disk SampleCache first, so the base outputs are generated once
+    if rank == 0:
+        prep = prepare(cfg)
+    if _distributed():
+        dist.barrier()
+    if rank != 0:
+        prep = prepare(cfg)
+    if _distributed():
+        broadcast_parameters(prep.family.trainable_parameters())
+
+    state = _load_state(ray.train.get_checkpoint(), rank)
+    start_step = 0 if state is None else int(state["step"])
+    steps = cfg.train.steps
+    history: list[dict] = []
+
+    def on_step(loop, logs: dict, step: int) -> None:
+        metrics = {**logs, "step": step, "resumed_from_step": start_step}
+        history.append({"step": step, **logs})
+        if step % every == 0 and step < steps:
+            rngs = _gather(loop.gen.get_state(), world)  # collective: every rank takes part
+            if rank == 0:
+                with tempfile.TemporaryDirectory() as d:
+                    torch.save({**loop.state_dict(), "rng_per_rank": rngs}, Path(d) / STATE_FILE)
+                    ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+            else:
+                ray.train.report(metrics, checkpoint=None)
+        else:
+            ray.train.report(metrics, checkpoint=None)
+        _maybe_fail(config, rank, step)
+
+    t_train = time.perf_counter()
+    loop = train(prep, reduce_grads=make_allreduce(world) if world > 1 else None, state=state,
+                 progress=False, on_step=on_step)
+    train_seconds = time.perf_counter() - t_train
+
+    checksums = _gather(param_checksum(loop.params), world)
+    rngs = _gather(loop.gen.get_state(), world)
+    final = {"step": loop.step_count, "resumed_from_step": start_step, "param_checksums": checksums,
+             "world_size": world}
+    if rank != 0:
+        ray.train.report(final, checkpoint=None)
+        return None
+
+    out_dir = Path(config["out_dir"]) if config.get("out_dir") else Path(tempfile.mkdtemp(prefix="ru-out-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hotfix = prep.family.save(out_dir / "hotfix")
+    result, target_new, integrity_new = judge(prep, progress=False)
+    (out_dir / "history.json").write_text(json.dumps(history) + "\n")
+    report = write_outputs(
+        prep, out_dir, result, target_new, integrity_new, hotfix, time.perf_counter() - t0,
+        {"train_seconds": round(train_seconds, 2), "steps": steps, "world_size": world,
+         "resumed_from_step": start_step},
+    )
+    torch.save({**loop.state_dict(), "rng_per_rank": rngs}, out_dir / STATE_FILE)
+    final.update(_summary(result))
+    # SYNC upload (the default) copies the folder and keeps it: out_dir must stay where it is
+    ray.train.report(final, checkpoint=Checkpoint.from_directory(str(out_dir)),
+                     delete_local_checkpoint_after_upload=False)
+    return {"out_dir": str(out_dir), "hotfix": hotfix, **_summary(report)}
+
+
+def run_name(cfg: UnlearnConfig, num_workers: int) -> str:
+    """Deterministic: the same request on the same scale resumes the same run."""
+    return f"unlearn-{cfg.method.name}-{content_hash(cfg.model_dump(mode='json'), num_workers)[:12]}"
+
+
+def run_train(cfg: UnlearnConfig, *, num_workers: int = 1, use_gpu: bool = False, storage_path: str,
+              name: str | None = None, max_failures: int = 2, cpu_per_worker: float = 0.99,
+              checkpoint_every: int = 10, loop_config: dict | None = None) -> dict:
+    """One unlearning run on Ray Train; returns the final metrics and where the results are.
+
+    `cpu_per_worker` below 1: on a small machine whole CPUs per worker (plus the controller)
+    can leave the run waiting for resources forever.
+    `loop_config`: extra keys for the worker function (e.g. `fail_once` for fault drills).
+    """
+    from ray.train.torch import TorchTrainer
+
+    name = name or run_name(cfg, num_workers)
+    local = "://" not in storage_path
+    if local:
+        storage_path = str(Path(storage_path).expanduser().resolve())
+    train_config = {
+        "unlearn": cfg.model_dump(mode="json"),
+        "checkpoint_every": checkpoint_every,
+        # on local storage the outputs are written under the run directory (and also kept in the
+        # final checkpoint); on remote storage only the final checkpoint carries them
+        "out_dir": str(Path(storage_path) / name / "output") if local else None,
+        **(loop_config or {}),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=train_config,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpu_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    result = trainer.fit()  # raises ray.train.TrainingFailedError once max_failures is spent
+    ret = result.return_value or {}
+    return {
+        **result.metrics,
+        "name": name,
+        "run_path": result.path,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "out_dir": ret.get("out_dir"),
+        "hotfix": (ret.get("hotfix") or {}).get("hotfix"),
+    }
