@@ -32,6 +32,7 @@ import torch.distributed as dist
 import ray.train
 import ray.train.torch
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
 from ray_unlearn.config import UnlearnConfig
 from ray_unlearn.engine import judge, prepare, train, write_outputs
@@ -146,7 +147,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     device = ray.train.torch.get_device()
     # every worker draws its own batches, timesteps and noises (seed + rank): the averaged
     # gradient is that of a world_size times larger batch
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": str(device), "seed": cfg.train.seed + rank})})
+    train_cfg = cfg.train.model_copy(update={"device": str(device), "seed": cfg.train.seed + rank})
+    cfg = cfg.model_copy(update={"train": train_cfg})
 
     # rank 0 fills the on-disk SampleCache first, so the base outputs are generated once
     if rank == 0:
@@ -223,8 +225,6 @@ def run_train(cfg: UnlearnConfig, *, num_workers: int = 1, use_gpu: bool = False
     can leave the run waiting for resources forever.
     `loop_config`: extra keys for the worker function (e.g. `fail_once` for fault drills).
     """
-    from ray.train.torch import TorchTrainer
-
     name = name or run_name(cfg, num_workers)
     local = "://" not in storage_path
     if local:
