@@ -153,6 +153,7 @@ class NegGradConfig(_Strict):
     """NegGrad (Golatkar et al. 2020): L = L_r - alpha * L_f."""
 
     name: Literal["neggrad"] = "neggrad"
+    # alpha 1: the plain form L_r - L_f of METHOD.md's baseline list (Golatkar et al. 2020).
     forget_weight: float = Field(1.0, gt=0.0, description="alpha, weight of the ascended forget loss.")
 
 
@@ -160,9 +161,11 @@ class EraseDiffConfig(_Strict):
     """EraseDiff (Wu et al. 2024, arXiv 2401.05779): bilevel, forget target = uniform noise."""
 
     name: Literal["erasediff"] = "erasediff"
-    inner_steps: int = Field(1, ge=1, description="K inner SGD steps on the forget loss (EraseDiff: K=1).")
+    # K=1 and inner lr 1e-4: project choices (the cheapest bilevel step; not checked against
+    # EraseDiff's code, which this project has not read). Tune searches K and eta.
+    inner_steps: int = Field(1, ge=1, description="K inner SGD steps on the forget loss.")
     inner_lr: float = Field(1e-4, gt=0.0, description="Step size of the inner steps.")
-    # eta 0.1: EraseDiff's public default for the adaptive lambda.
+    # eta 0.1: project choice; lam form from METHOD.md (reconstruction).
     eta: float = Field(0.1, ge=0.0, description="lam = max(eta - cos(g_r, g_q), 0) (reconstruction).")
     lam: float | None = Field(None, ge=0.0, description="Fixed lam instead of the adaptive one.")
 
@@ -171,7 +174,8 @@ class SISSConfig(_Strict):
     """SISS (Alberti et al., ICLR 2025): importance-sampled mixture, one forward per step."""
 
     name: Literal["siss"] = "siss"
-    # lambda 0.5 and s from the SISS paper's CelebA-HQ setting.
+    # lambda 0.5 (an even mixture) and s 1: METHOD.md's description of SISS; forget-gradient norm
+    # 10: project choice, not checked against SISS's code. All three are in search_spaces/siss.yaml.
     mix_lambda: float = Field(0.5, gt=0.0, lt=1.0, description="Mixture weight of the forget sample.")
     scale: float = Field(1.0, gt=0.0, description="s, weight of the subtracted forget term.")
     forget_grad_norm: float | None = Field(

@@ -1,0 +1,83 @@
+"""Targets from images / seeds / noise files, remember folders, surrogates, the sample cache."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_scheduler, tiny_unet
+from PIL import Image
+
+from ray_unlearn.config import ModelConfig, RememberConfig, SamplerConfig, SurrogateConfig, TargetSpec
+from ray_unlearn.data import ImageError, SampleCache, load_image, remember_images, resolve_targets
+from ray_unlearn.families.ddpm import DDPMFamily
+from ray_unlearn.surrogates import SURROGATES, make_surrogates
+
+
+@pytest.fixture
+def fam():
+    return DDPMFamily(ModelConfig(path="tiny"), SamplerConfig(steps=3), unet=tiny_unet(), scheduler=tiny_scheduler())
+
+
+def write_png(path, value, size=(20, 24), mode="RGB"):
+    Image.new(mode, size, value).save(path)
+    return path
+
+
+def test_targets_from_image_seed_and_noise_file(fam, tmp_path):
+    img = write_png(tmp_path / "face.png", (200, 100, 50))
+    noise = fam.initial_noise([11])[0]
+    torch.save(noise, tmp_path / "n.pt")
+    np.save(tmp_path / "m.npy", noise.numpy())
+    specs = [TargetSpec(image=str(img)), TargetSpec(seed=11), TargetSpec(noise=str(tmp_path / "n.pt")),
+             TargetSpec(noise=str(tmp_path / "m.npy"))]
+    t = resolve_targets(fam, specs)
+    assert [x.id for x in t] == ["face", "seed-11", "n", "m"]
+    assert t[0].image.shape == (1, 16, 16) and t[0].noise is None  # RGB file -> the model's grey 16x16
+    assert abs(float(t[0].image.mean()) - (0.299 * 200 + 0.587 * 100 + 0.114 * 50) / 255) < 0.01
+    # a seed and the same noise as a file name the same output
+    assert torch.allclose(t[1].image, t[2].image, atol=1e-5) and torch.allclose(t[2].image, t[3].image, atol=1e-5)
+
+
+def test_bad_images_have_clear_errors(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("hello")
+    with pytest.raises(ImageError, match="is empty"):
+        load_image(tmp_path / "empty.png")
+    with pytest.raises(ImageError, match="not a readable image"):
+        load_image(tmp_path / "text.png")
+    with pytest.raises(ImageError, match="image not found"):
+        load_image(tmp_path / "missing.png")
+    grey = load_image(write_png(tmp_path / "g.png", 128, mode="L"))
+    assert grey.shape == (1, 24, 20)
+
+
+def test_remember_folder_and_cache(fam, tmp_path):
+    folder = tmp_path / "rem"
+    folder.mkdir()
+    for i in range(3):
+        write_png(folder / f"{i}.png", (i * 60, i * 60, i * 60))
+    (folder / "notes.txt").write_text("ignored")
+    imgs = remember_images(fam, RememberConfig(source="folder", folder=str(folder)), SampleCache(tmp_path / "c"))
+    assert imgs.shape == (3, 1, 16, 16)
+    with pytest.raises(ImageError, match="no images"):
+        remember_images(fam, RememberConfig(source="folder", folder=str(tmp_path)), SampleCache(tmp_path / "c"))
+    cache = SampleCache(tmp_path / "c")
+    a, hit_a = cache.get_or_generate(fam, [1, 2], "x")
+    b, hit_b = cache.get_or_generate(fam, [1, 2], "x")
+    assert not hit_a and hit_b and torch.equal(a, b)
+    other = DDPMFamily(ModelConfig(path="tiny"), SamplerConfig(steps=4), unet=tiny_unet(), scheduler=tiny_scheduler())
+    assert cache.key(other, [1, 2]) != cache.key(fam, [1, 2])  # sampler settings are part of the key
+    reseeded = DDPMFamily(ModelConfig(path="tiny"), SamplerConfig(steps=3), unet=tiny_unet(seed=1), scheduler=tiny_scheduler())
+    assert cache.key(reseeded, [1, 2]) != cache.key(fam, [1, 2])  # so are the weights
+
+
+@pytest.mark.parametrize("kind", list(SURROGATES))
+def test_surrogates(fam, tmp_path, kind):
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    paths = [str(write_png(tmp_path / f"e{i}.png", 30 * i, mode="L")) for i in range(2)]
+    cfg = SurrogateConfig(kind=kind, strength=0.5, paths=paths)
+    s1, s2 = make_surrogates(fam, x, cfg), make_surrogates(fam, x, cfg)
+    assert s1.shape == x.shape and torch.equal(s1, s2) and 0 <= s1.min() and s1.max() <= 1
+    assert not torch.allclose(s1, x)
+    if kind == "provided":
+        with pytest.raises(ValueError, match="one edited image per target"):
+            make_surrogates(fam, x, SurrogateConfig(kind="provided", paths=paths[:1]))
