@@ -190,7 +190,9 @@ class DDPMFamily(DiffusionFamily):
             ddim = self._ddim()
             chunk = noise[i : i + bs]
             # the eta noise of a sample is seeded by its initial noise: reproducible per sample
-            gens = self._noise_generators([int.from_bytes(bytes.fromhex(content_hash(n)[:12]), "big") for n in chunk])
+            gens = None
+            if self.sampler.eta > 0:
+                gens = self._noise_generators([int(content_hash(n)[:12], 16) for n in chunk])
             x = chunk.to(self.device) * ddim.init_noise_sigma
             out.append(self.decode(self._denoise(x, ddim.timesteps, ddim, model, gens)).cpu())
         model.train(was_training)
