@@ -60,8 +60,8 @@ def _summary(report: dict) -> str:
         f"integrity on {i.get('n')} seeds: SSIM {i.get('ssim')}  LPIPS {i.get('lpips')}  FID {i.get('fid')}"
         f"  ({'ok' if i.get('ok') else 'BELOW bound ' + str(i.get('min_ssim'))})"
     )
-    for name, why in (i.get("unavailable") or {}).items():
-        lines.append(f"  {name} unavailable: {why}")
+    for why in (i.get("unavailable") or {}).values():
+        lines.append(f"  {why}")
     lines.append(f"passed: {report.get('passed')}   ({report.get('wall_seconds')} s)")
     return "\n".join(lines)
 
