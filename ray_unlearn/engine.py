@@ -19,7 +19,7 @@ from ray_unlearn.data import SampleCache, Target, remember_images, resolve_targe
 from ray_unlearn.families.base import DiffusionFamily
 from ray_unlearn.families.ddpm import DDPMFamily
 from ray_unlearn.loop import Report, UnlearnData, UnlearnLoop, autocast_dtype, resolve_device
-from ray_unlearn.methods import build_method
+from ray_unlearn.methods import METHODS, build_method
 from ray_unlearn.metrics import Metrics, MetricsConfig
 from ray_unlearn.surrogates import make_surrogates
 from ray_unlearn.viz import before_after_figure, integrity_grid
@@ -69,7 +69,11 @@ def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None) -> Prepar
     family = family or load_family(cfg)
     cache = SampleCache(cfg.cache_dir)
     targets = resolve_targets(family, cfg.targets)
-    surrogates = make_surrogates(family, torch.stack([t.image for t in targets]).to(family.device), cfg.surrogate)
+    images = torch.stack([t.image for t in targets])
+    if METHODS[cfg.method.name].uses_surrogate:
+        surrogates = make_surrogates(family, images.to(family.device), cfg.surrogate)
+    else:  # baselines never read it: skip the SDEdit pass
+        surrogates = images.clone()
     remember = remember_images(family, cfg.remember, cache)
     target_base = ev.model_outputs_for_targets(family, targets)
     integrity_base, hit = cache.get_or_generate(family, ev.integrity_seeds(cfg.eval), "integrity (base)")
@@ -115,7 +119,7 @@ def write_outputs(prep: Prepared, out_dir: Path, result: dict, target_new, integ
     picture = before_after_figure(
         out_dir / "before_after.png",
         torch.stack([t.image for t in prep.targets]),
-        prep.surrogates,
+        prep.surrogates if METHODS[cfg.method.name].uses_surrogate else None,
         prep.target_base,
         target_new,
         result["targets"],

@@ -26,7 +26,7 @@ def _show(ax, img: torch.Tensor, title: str | None = None, color: str = "black")
 def before_after_figure(
     path: str | Path,
     targets: torch.Tensor,
-    surrogates: torch.Tensor,
+    surrogates: torch.Tensor | None,
     target_base: torch.Tensor,
     target_new: torch.Tensor,
     rows: list[dict],
@@ -47,11 +47,13 @@ def before_after_figure(
         verdict = "forgotten" if ok else ("ARTIFACTS" if row.get("artifact") else "not forgotten")
         panels = [
             (targets[i], f"target {row.get('id', i)}", "black"),
-            (surrogates[i], "surrogate", "black"),
+            (surrogates[i] if surrogates is not None else None, "surrogate", "black"),
             (target_base[i], f"base  SSCD {row.get('sscd_base', float('nan')):.2f}", "black"),
             (target_new[i], f"after {row.get('sscd_unlearned', float('nan')):.2f}\n{verdict}", "green" if ok else "red"),
         ]
         for j, (img, label, color) in enumerate(panels):
+            if img is None:  # the method uses no surrogate
+                continue
             axes[i, j].axis("on")
             _show(axes[i, j], img, label, color)
     for j in range(n_i):

@@ -26,6 +26,7 @@ def grads_of(loss: torch.Tensor, params: list[torch.nn.Parameter], retain_graph:
 
 class Method:
     name: str = ""
+    uses_surrogate: bool = False  # only the paper's method regresses onto an edited surrogate
 
     def __init__(self, cfg, family: DiffusionFamily):
         self.cfg, self.family = cfg, family

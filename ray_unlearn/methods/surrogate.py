@@ -10,6 +10,7 @@ from ray_unlearn.methods.base import Method
 
 class SurrogateMethod(Method):
     name = "surrogate"
+    uses_surrogate = True
     cfg: SurrogateMethodConfig
 
     def _weight(self, t):
