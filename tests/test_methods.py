@@ -81,3 +81,18 @@ def test_surgery_removes_conflict_in_the_step():
         g_f, g_r, _ = method.gradients(loop.batch(), loop.gen, loop.params)
         step, _ = method.combine(g_f, g_r)
         assert float(surgery.dot(step, g_r)) >= -1e-6 * float(surgery.norm_sq(g_r))
+
+
+def test_bf16_autocast_path_runs_and_auto_is_fp32_on_cpu():
+    from ray_unlearn.loop import autocast_dtype
+
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("bf16", torch.device("cpu")) is torch.bfloat16
+    fam = DDPMFamily(ModelConfig(path="tiny"), SamplerConfig(steps=4), dtype_autocast=torch.bfloat16,
+                     unet=tiny_unet(), scheduler=tiny_scheduler())
+    loop = UnlearnLoop(fam, build_method(method_cfg("surrogate"), fam), make_data(), TrainConfig(steps=2, lr=1e-3))
+    logs = loop.run(progress=False)
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert all(p.dtype == torch.float32 for p in loop.params)  # weights stay fp32; only compute is bf16
+    img = fam.generate(fam.initial_noise([1]))
+    assert img.dtype == torch.float32 and torch.isfinite(img).all()
