@@ -109,9 +109,10 @@ class RememberConfig(_Strict):
 
 class TrainConfig(_Strict):
     # 60 steps, batch 4+4, AdamW: METHOD.md trial (the paper: 240 steps, batch 8 on CelebA-HQ 256).
-    # lr 3e-5, not the trial's 3e-4: on the shipped demo model 3e-4 forgot seed 7 (SSCD 0.46) but
-    # blurred every output (integrity SSIM 0.45); 1e-4 gave 0.50 / 0.57; 3e-5 gave 0.53 / 0.80
-    # (calibrated threshold 0.63). The Tune search is what finds the front for a real model.
+    # lr 3e-5, not the trial's 3e-4: on the shipped demo model (strength 0.6) 3e-4 forgot seed 7
+    # (SSCD 0.46) but blurred every output (integrity SSIM 0.45); 1e-4 gave 0.50 / 0.57; 3e-5 gave
+    # 0.52 / 0.72 (0.53 / 0.80 at strength 0.8); calibrated threshold 0.63. One target, one seed:
+    # the Tune search is what finds the front for a real model.
     steps: int = Field(60, ge=1, description="Optimizer steps.")
     batch_forget: int = Field(4, ge=1, description="Forget samples per micro-batch (targets repeat).")
     batch_remember: int = Field(4, ge=1, description="Remember samples per micro-batch.")

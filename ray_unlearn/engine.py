@@ -64,20 +64,21 @@ class Prepared:
         return UnlearnData(f.encode(forget).cpu(), f.encode(self.surrogates).cpu(), f.encode(self.remember).cpu())
 
 
-def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None) -> Prepared:
-    """Everything computed with the base weights, before any of them change."""
+def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None, surrogates: bool = True) -> Prepared:
+    """Everything computed with the base weights, before any of them change (`surrogates=False`:
+    for evaluation only, which never reads them)."""
     family = family or load_family(cfg)
     cache = SampleCache(cfg.cache_dir)
     targets = resolve_targets(family, cfg.targets)
     images = torch.stack([t.image for t in targets])
-    if METHODS[cfg.method.name].uses_surrogate:
-        surrogates = make_surrogates(family, images.to(family.device), cfg.surrogate)
-    else:  # baselines never read it: skip the SDEdit pass
-        surrogates = images.clone()
+    if surrogates and METHODS[cfg.method.name].uses_surrogate:
+        edited = make_surrogates(family, images.to(family.device), cfg.surrogate)
+    else:  # baselines and evaluation never read it: skip the SDEdit pass
+        edited = images.clone()
     remember = remember_images(family, cfg.remember, cache)
     target_base = ev.model_outputs_for_targets(family, targets)
     integrity_base, hit = cache.get_or_generate(family, ev.integrity_seeds(cfg.eval), "integrity (base)")
-    return Prepared(cfg, family, targets, surrogates, remember, target_base, integrity_base, {"integrity_base": hit})
+    return Prepared(cfg, family, targets, edited, remember, target_base, integrity_base, {"integrity_base": hit})
 
 
 def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state: dict | None = None,
@@ -119,7 +120,7 @@ def write_outputs(prep: Prepared, out_dir: Path, result: dict, target_new, integ
     picture = before_after_figure(
         out_dir / "before_after.png",
         torch.stack([t.image for t in prep.targets]),
-        prep.surrogates if METHODS[cfg.method.name].uses_surrogate else None,
+        prep.surrogates if METHODS[cfg.method.name].uses_surrogate and (extra or {}).get("method") != "evaluate" else None,
         prep.target_base,
         target_new,
         result["targets"],
@@ -177,7 +178,7 @@ def evaluate_models(cfg: UnlearnConfig, base_path: str, new_path: str, out_dir: 
     """`ray-unlearn evaluate`: the same figures for any two models of the same family."""
     t0 = time.perf_counter()
     base = load_family(cfg, base_path, lora=False)
-    prep = prepare(cfg, base)
+    prep = prepare(cfg, base, surrogates=False)
     new = load_family(cfg, new_path, lora=False)
     prep.family = new
     result, target_new, integrity_new = judge(prep, progress=progress)
