@@ -216,6 +216,7 @@ class EvalConfig(_Strict):
     min_integrity_ssim: float = Field(
         0.6, ge=0.0, le=1.0, description="A hotfix whose mean integrity SSIM is below this fails."
     )
+    fid: bool = Field(True, description="Compute FID (the slowest figure; a search's proxy scoring turns it off).")
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
 

@@ -136,11 +136,11 @@ def resolve_targets(family: DiffusionFamily, specs: list[TargetSpec]) -> list[Ta
     return targets
 
 
-def remember_images(family: DiffusionFamily, cfg: RememberConfig, cache: SampleCache) -> torch.Tensor:
+def remember_images(family: DiffusionFamily, cfg: RememberConfig, cache: SampleCache) -> tuple[torch.Tensor, bool]:
+    """The remember set and whether it came from the cache (a folder counts as cached)."""
     if cfg.source == "folder":
         if not cfg.folder:
             raise ValueError("remember.source='folder' needs remember.folder")
-        return torch.cat([family.prepare_images(x[None]).cpu() for x in load_folder(cfg.folder)])
+        return torch.cat([family.prepare_images(x[None]).cpu() for x in load_folder(cfg.folder)]), True
     seeds = list(range(cfg.seed_offset, cfg.seed_offset + cfg.n))
-    images, _ = cache.get_or_generate(family, seeds, "remember set (base samples)")
-    return images
+    return cache.get_or_generate(family, seeds, "remember set (base samples)")

@@ -48,6 +48,24 @@ def build_metrics(cfg: UnlearnConfig, device: torch.device | str = "cpu") -> Met
 
 
 @dataclass
+class Reference:
+    """Base-model outputs that no searched setting changes (remember set, integrity samples):
+    computed once and shared by every trial of a search and every request of a batch."""
+
+    remember: torch.Tensor  # images [0,1]
+    integrity_base: torch.Tensor  # base model's outputs for the integrity seeds
+    cache_hits: dict
+
+
+def reference_outputs(cfg: UnlearnConfig, family: DiffusionFamily | None = None) -> Reference:
+    family = family or load_family(cfg, lora=False)
+    cache = SampleCache(cfg.cache_dir)
+    remember, hit_r = remember_images(family, cfg.remember, cache)
+    integrity_base, hit_i = cache.get_or_generate(family, ev.integrity_seeds(cfg.eval), "integrity (base)")
+    return Reference(remember, integrity_base, {"remember": hit_r, "integrity_base": hit_i})
+
+
+@dataclass
 class Prepared:
     cfg: UnlearnConfig
     family: DiffusionFamily
@@ -64,21 +82,23 @@ class Prepared:
         return UnlearnData(f.encode(forget).cpu(), f.encode(self.surrogates).cpu(), f.encode(self.remember).cpu())
 
 
-def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None, surrogates: bool = True) -> Prepared:
-    """Everything computed with the base weights, before any of them change (`surrogates=False`:
-    for evaluation only, which never reads them)."""
+def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None, surrogates: bool = True,
+            reference: Reference | None = None, base: DiffusionFamily | None = None) -> Prepared:
+    """Everything computed before any weight changes (`surrogates=False`: for evaluation only,
+    which never reads them). `reference`: shared base outputs (else from the on-disk cache).
+    `base`: the model the targets' "before" outputs come from, when `family` is not the base
+    (sequential unlearning starts each request from the previous hotfix)."""
     family = family or load_family(cfg)
-    cache = SampleCache(cfg.cache_dir)
-    targets = resolve_targets(family, cfg.targets)
+    targets = resolve_targets(base or family, cfg.targets)
     images = torch.stack([t.image for t in targets])
     if surrogates and METHODS[cfg.method.name].uses_surrogate:
         edited = make_surrogates(family, images.to(family.device), cfg.surrogate)
     else:  # baselines and evaluation never read it: skip the SDEdit pass
         edited = images.clone()
-    remember = remember_images(family, cfg.remember, cache)
-    target_base = ev.model_outputs_for_targets(family, targets)
-    integrity_base, hit = cache.get_or_generate(family, ev.integrity_seeds(cfg.eval), "integrity (base)")
-    return Prepared(cfg, family, targets, edited, remember, target_base, integrity_base, {"integrity_base": hit})
+    reference = reference or reference_outputs(cfg, base or family)
+    target_base = ev.model_outputs_for_targets(base or family, targets)
+    return Prepared(cfg, family, targets, edited, reference.remember, target_base, reference.integrity_base,
+                    dict(reference.cache_hits))
 
 
 def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state: dict | None = None,

@@ -75,11 +75,11 @@ def _maybe(fn, unavailable: dict, name: str):
         return None
 
 
-def integrity_figures(metrics: Metrics, base: torch.Tensor, new: torch.Tensor) -> dict:
+def integrity_figures(metrics: Metrics, base: torch.Tensor, new: torch.Tensor, fid: bool = True) -> dict:
     unavailable: dict[str, str] = {}
     ssim = _maybe(lambda: metrics.ssim(base, new), unavailable, "ssim")
     lpips = _maybe(lambda: metrics.lpips(base, new), unavailable, "lpips")
-    fid = _maybe(lambda: metrics.fid(base, new), unavailable, "fid")
+    fid = _maybe(lambda: metrics.fid(base, new), unavailable, "fid") if fid else None
     return {
         "n": len(base),
         "ssim": None if ssim is None else round(float(ssim.mean()), 4),
@@ -146,7 +146,7 @@ def evaluate_outputs(
             unavailable,
             "sscd",
         )
-    integrity = integrity_figures(metrics, integrity_base, integrity_new)
+    integrity = integrity_figures(metrics, integrity_base, integrity_new, fid=cfg.fid)
     integrity["unavailable"].update(unavailable)
     integrity["min_ssim"] = cfg.min_integrity_ssim
     integrity["ok"] = integrity["ssim"] is not None and integrity["ssim"] >= cfg.min_integrity_ssim

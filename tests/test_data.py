@@ -56,7 +56,7 @@ def test_remember_folder_and_cache(fam, tmp_path):
     for i in range(3):
         write_png(folder / f"{i}.png", (i * 60, i * 60, i * 60))
     (folder / "notes.txt").write_text("ignored")
-    imgs = remember_images(fam, RememberConfig(source="folder", folder=str(folder)), SampleCache(tmp_path / "c"))
+    imgs, _ = remember_images(fam, RememberConfig(source="folder", folder=str(folder)), SampleCache(tmp_path / "c"))
     assert imgs.shape == (3, 1, 16, 16)
     with pytest.raises(ImageError, match="no images"):
         remember_images(fam, RememberConfig(source="folder", folder=str(tmp_path)), SampleCache(tmp_path / "c"))
