@@ -145,6 +145,78 @@ def bench(
     typer.echo(json.dumps(res, indent=2) if json_out else "\n".join(f"{k}: {v}" for k, v in res.items()))
 
 
+def _train_runtime_env() -> dict | None:
+    """HF_HUB_OFFLINE for the Ray workers, only when set here. Under `ray job submit` the job's
+    runtime env already reaches them, and ray.init refuses to redefine one of its env vars."""
+    import os
+
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is None:
+        return None
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    if "HF_HUB_OFFLINE" in ((job.get("runtime_env") or {}).get("env_vars") or {}):
+        return None
+    return {"env_vars": {"HF_HUB_OFFLINE": value}}
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = [],  # noqa: B006
+    target: Annotated[list[Path], typer.Option("--target", help="Image file of an output to forget (repeatable).")] = [],  # noqa: B006
+    target_seed: Annotated[list[int], typer.Option("--target-seed", help="Forget the base model's output for this seed (repeatable).")] = [],  # noqa: B006
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="surrogate | neggrad | erasediff | siss")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.")] = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Ray Train workers (one per GPU).")] = 1,
+    gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Train on GPUs (default: if the cluster has any).", show_default=False)] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="Where runs go: a folder or s3://bucket/prefix (default: $RAY_UNLEARN_STORE or ./ray_unlearn_store).", show_default=False)] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Run name (default: derived from the config and --workers; the same name resumes).", show_default=False)] = None,
+    max_failures: Annotated[int, typer.Option("--max-failures", min=0, help="Worker-group restarts from the last checkpoint.")] = 2,
+    checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Checkpoint every N steps.")] = 10,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON line (for scripts and job logs).")] = False,
+) -> None:
+    """Unlearn on Ray Train: joins the cluster of a `ray job submit` job (RAY_ADDRESS) or starts a
+    local Ray; data-parallel workers, checkpoints, restarts from the last one."""
+    import os
+
+    cfg = _config(config, set_, method, steps, target, target_seed)
+    if not cfg.targets:
+        _fail("no targets: give --target IMAGE and/or --target-seed N (or `targets:` in the config)")
+    storage = storage or os.environ.get("RAY_UNLEARN_STORE") or "./ray_unlearn_store"
+    import ray
+    import ray.train
+
+    from ray_unlearn.platform.train import run_train
+
+    runtime_env = _train_runtime_env()
+    ray.init(**({"runtime_env": runtime_env} if runtime_env else {}))
+    try:
+        use_gpu = gpu if gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        out = run_train(cfg, num_workers=workers, use_gpu=use_gpu, storage_path=storage, name=name,
+                        max_failures=max_failures, checkpoint_every=checkpoint_every)
+    except ray.train.TrainingFailedError as err:
+        _fail(f"training failed after {max_failures} restart(s): {err}")
+    finally:
+        ray.shutdown()
+    if "://" in storage:  # the outputs live in the final checkpoint; out_dir was a worker's temp dir
+        scheme = storage.split("://", 1)[0]
+        ckpt = out["checkpoint"] if "://" in str(out["checkpoint"]) else f"{scheme}://{out['checkpoint']}"
+        out["hotfix"], out["report"] = f"{ckpt}/hotfix", f"{ckpt}/report.json"
+    else:
+        out["report"] = str(Path(out["out_dir"]) / "report.json")
+    out["use_gpu"] = use_gpu
+    if json_out:
+        typer.echo(json.dumps(out))
+        return
+    sscd, ssim = out.get("sscd"), out.get("integrity_ssim")
+    typer.echo(
+        f"run {out['name']}: {out.get('step')} steps on {out.get('world_size')} {'GPU' if use_gpu else 'CPU'} worker(s)\n"
+        f"forgotten: {out.get('forgotten')}   SSCD {'n/a' if sscd is None else f'{sscd:.3f}'}"
+        f"   integrity SSIM {'n/a' if ssim is None else f'{ssim:.3f}'}   passed: {out.get('passed')}\n"
+        f"hotfix: {out['hotfix']}\nreport: {out['report']}"
+    )
+
+
 from ray_unlearn.requests.cli import requests_app  # noqa: E402
 
 app.add_typer(requests_app, name="requests", help="Deletion requests: submit, list, show (the queue).")
