@@ -86,15 +86,27 @@ class SampleCache:
     def key(self, family: DiffusionFamily, seeds: list[int]) -> str:
         return content_hash(family.fingerprint(), list(map(int, seeds)), family.sampler.model_dump(exclude={"batch_size"}))
 
-    def get_or_generate(self, family: DiffusionFamily, seeds: list[int], desc: str) -> tuple[torch.Tensor, bool]:
-        path = self.root / f"{family.fingerprint()}-{self.key(family, seeds)}.pt"
+    def _path(self, family: DiffusionFamily, seeds: list[int]) -> Path:
+        return self.root / f"{family.fingerprint()}-{self.key(family, seeds)}.pt"
+
+    def get(self, family: DiffusionFamily, seeds: list[int]) -> torch.Tensor | None:
+        path = self._path(family, seeds)
         if path.is_file():
             try:
-                return torch.load(path, map_location="cpu", weights_only=True), True
+                return torch.load(path, map_location="cpu", weights_only=True)
             except Exception:
                 path.unlink(missing_ok=True)  # a corrupt entry is regenerated, not trusted
+        return None
+
+    def put(self, family: DiffusionFamily, seeds: list[int], images: torch.Tensor) -> None:
+        atomic_torch_save(images, self._path(family, seeds))
+
+    def get_or_generate(self, family: DiffusionFamily, seeds: list[int], desc: str) -> tuple[torch.Tensor, bool]:
+        images = self.get(family, seeds)
+        if images is not None:
+            return images, True
         images = family.generate(family.initial_noise(seeds), progress=desc)
-        atomic_torch_save(images, path)
+        self.put(family, seeds, images)
         return images, False
 
 
@@ -110,8 +122,9 @@ class Target:
         return content_hash(self.image.float().cpu())
 
 
-def resolve_targets(family: DiffusionFamily, specs: list[TargetSpec]) -> list[Target]:
-    """Targets given as files are read; targets given as a seed are the base model's output."""
+def resolve_targets(family: DiffusionFamily, specs: list[TargetSpec], generate: bool = True) -> list[Target]:
+    """Targets given as files are read; targets given as a seed are the base model's output
+    (`generate=False` leaves those images None, for a caller that samples them in a larger pass)."""
     if not specs:
         raise ValueError("no targets: give --target IMAGE and/or --target-seed N")
     targets, need = [], []
@@ -125,7 +138,7 @@ def resolve_targets(family: DiffusionFamily, specs: list[TargetSpec]) -> list[Ta
         targets.append(Target(spec.id, image, noise, spec))
         if image is None:
             need.append(len(targets) - 1)
-    if need:
+    if need and generate:
         outs = family.generate(torch.stack([targets[i].noise for i in need]), progress="base outputs of targets")
         for i, img in zip(need, outs):
             targets[i].image = img

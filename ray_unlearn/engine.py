@@ -6,6 +6,7 @@ on each worker; Tune shares the cached base outputs across trials) without chang
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ray_unlearn import evaluate as ev
-from ray_unlearn.config import UnlearnConfig
+from ray_unlearn.config import TargetSpec, UnlearnConfig
 from ray_unlearn.data import SampleCache, Target, remember_images, resolve_targets, save_image
 from ray_unlearn.families.base import DiffusionFamily
 from ray_unlearn.families.ddpm import DDPMFamily
@@ -29,7 +30,12 @@ FAMILIES = {"ddpm": DDPMFamily}
 
 def load_family(cfg: UnlearnConfig, model_path: str | None = None, lora: bool = True) -> DiffusionFamily:
     device = resolve_device(cfg.train.device)
-    model_cfg = cfg.model.model_copy(update={"path": model_path or cfg.model.path, "lora": cfg.model.lora if lora else None})
+    path = model_path or cfg.model.path
+    if path.startswith("s3://"):  # a hotfix in object storage (the batch processor's): a local copy, once
+        from ray_unlearn.storage import materialize  # boto3 itself loads only on this path
+
+        path = str(materialize(path, Path(cfg.cache_dir).expanduser() / "models"))
+    model_cfg = cfg.model.model_copy(update={"path": path, "lora": cfg.model.lora if lora else None})
     return FAMILIES[cfg.model.family](model_cfg, cfg.sampler, device, autocast_dtype(cfg.train.precision, device))
 
 
@@ -49,20 +55,78 @@ def build_metrics(cfg: UnlearnConfig, device: torch.device | str = "cpu") -> Met
 
 @dataclass
 class Reference:
-    """Base-model outputs that no searched setting changes (remember set, integrity samples):
-    computed once and shared by every trial of a search and every request of a batch."""
+    """Base-model outputs that no searched setting changes (remember set, integrity samples and,
+    for a search, the targets and the base's outputs for them): computed once and shared by every
+    trial of a search and every request of a batch."""
 
     remember: torch.Tensor  # images [0,1]
-    integrity_base: torch.Tensor  # base model's outputs for the integrity seeds
+    integrity_base: torch.Tensor  # base model's outputs for the integrity seeds (a prefix serves a smaller n)
     cache_hits: dict
+    targets: list[Target] | None = None
+    target_base: torch.Tensor | None = None
+
+    def to_bytes(self) -> bytes:
+        targets = None if self.targets is None else [
+            {"id": t.id, "image": t.image, "noise": t.noise, "spec": t.spec.model_dump(mode="json")} for t in self.targets]
+        buf = io.BytesIO()
+        torch.save({"remember": self.remember, "integrity_base": self.integrity_base, "cache_hits": self.cache_hits,
+                    "targets": targets, "target_base": self.target_base}, buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Reference":
+        d = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        targets = None if d["targets"] is None else [
+            Target(t["id"], t["image"], t["noise"], TargetSpec.model_validate(t["spec"])) for t in d["targets"]]
+        return cls(d["remember"], d["integrity_base"], d["cache_hits"], targets, d["target_base"])
 
 
-def reference_outputs(cfg: UnlearnConfig, family: DiffusionFamily | None = None) -> Reference:
+def reference_outputs(cfg: UnlearnConfig, family: DiffusionFamily | None = None, targets: bool = False,
+                      progress: bool = True) -> Reference:
+    """The base model's outputs that every trial / request shares, sampled in ONE pass (whatever
+    the cache lacks, plus the targets' seeds when `targets=True`, i.e. for a search, whose
+    targets are fixed). `cache_hits["base_passes"]` says whether a pass was needed (0 or 1)."""
     family = family or load_family(cfg, lora=False)
     cache = SampleCache(cfg.cache_dir)
-    remember, hit_r = remember_images(family, cfg.remember, cache)
-    integrity_base, hit_i = cache.get_or_generate(family, ev.integrity_seeds(cfg.eval), "integrity (base)")
-    return Reference(remember, integrity_base, {"remember": hit_r, "integrity_base": hit_i})
+    wanted = {"integrity_base": ev.integrity_seeds(cfg.eval)}
+    got: dict[str, torch.Tensor | None] = {}
+    if cfg.remember.source == "folder":
+        got["remember"], _ = remember_images(family, cfg.remember, cache)
+    else:
+        wanted["remember"] = list(range(cfg.remember.seed_offset, cfg.remember.seed_offset + cfg.remember.n))
+    for name, seeds in wanted.items():
+        got[name] = cache.get(family, seeds)
+    missing = [name for name in wanted if got[name] is None]
+    resolved = resolve_targets(family, cfg.targets, generate=False) if targets else []
+    seeded = [t for t in resolved if t.noise is not None]
+    noise = [family.initial_noise(wanted[name]) for name in missing]
+    if seeded:
+        noise.append(torch.stack([t.noise for t in seeded]))
+    hits = {name: got[name] is not None for name in wanted}
+    hits["base_passes"] = 0
+    if noise:
+        out = family.generate(torch.cat(noise), progress="base outputs (one pass, shared)" if progress else None)
+        hits["base_passes"] = 1
+        offset = 0
+        for name in missing:
+            n = len(wanted[name])
+            got[name] = out[offset:offset + n]
+            cache.put(family, wanted[name], got[name])
+            offset += n
+        seeded_out = out[offset:]
+    ref = Reference(got["remember"], got["integrity_base"], hits)
+    if targets:
+        base_out = {}
+        for t, img in zip(seeded, seeded_out if seeded else []):
+            base_out[id(t)] = img
+            if t.image is None:
+                t.image = img
+        for t in resolved:  # an image without a seed: what the base makes of it (SDEdit, like judge)
+            if id(t) not in base_out:
+                base_out[id(t)] = ev.model_outputs_for_targets(family, [t])[0]
+        ref.targets = resolved
+        ref.target_base = torch.stack([base_out[id(t)] for t in resolved])
+    return ref
 
 
 @dataclass
@@ -89,15 +153,23 @@ def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None, surrogate
     `base`: the model the targets' "before" outputs come from, when `family` is not the base
     (sequential unlearning starts each request from the previous hotfix)."""
     family = family or load_family(cfg)
-    targets = resolve_targets(base or family, cfg.targets)
+    if reference is not None and reference.targets is not None:
+        targets, target_base = reference.targets, reference.target_base
+    else:
+        targets, target_base = resolve_targets(base or family, cfg.targets), None
     images = torch.stack([t.image for t in targets])
     if surrogates and METHODS[cfg.method.name].uses_surrogate:
         edited = make_surrogates(family, images.to(family.device), cfg.surrogate)
     else:  # baselines and evaluation never read it: skip the SDEdit pass
         edited = images.clone()
     reference = reference or reference_outputs(cfg, base or family)
-    target_base = ev.model_outputs_for_targets(base or family, targets)
-    return Prepared(cfg, family, targets, edited, reference.remember, target_base, reference.integrity_base,
+    n = cfg.eval.n_integrity
+    if len(reference.integrity_base) < n:
+        raise ValueError(f"the shared reference holds {len(reference.integrity_base)} integrity samples, "
+                         f"this run needs eval.n_integrity={n}")
+    if target_base is None:
+        target_base = ev.model_outputs_for_targets(base or family, targets)
+    return Prepared(cfg, family, targets, edited, reference.remember, target_base, reference.integrity_base[:n],
                     dict(reference.cache_hits))
 
 
@@ -119,13 +191,17 @@ def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state
     return loop
 
 
-def judge(prep: Prepared, metrics: Metrics | None = None, progress: bool = True) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Evaluate the family's current (unlearned) weights against the base outputs."""
+def judge(prep: Prepared, metrics: Metrics | None = None, progress: bool = True,
+          integrity_new: torch.Tensor | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Evaluate the family's current (unlearned) weights against the base outputs.
+    `integrity_new`: the unlearned model's integrity samples when already generated (the Ray
+    layer shards them across workers)."""
     fam, cfg = prep.family, prep.cfg
     metrics = metrics or build_metrics(cfg, fam.device)
     desc = "integrity (unlearned)" if progress else None
     target_new = ev.model_outputs_for_targets(fam, prep.targets)
-    integrity_new = fam.generate(fam.initial_noise(ev.integrity_seeds(cfg.eval)), progress=desc)
+    if integrity_new is None:
+        integrity_new = fam.generate(fam.initial_noise(ev.integrity_seeds(cfg.eval)), progress=desc)
     result = ev.evaluate_outputs(
         cfg.eval, metrics, prep.targets, prep.target_base, target_new, prep.integrity_base, integrity_new, prep.remember
     )

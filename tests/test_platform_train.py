@@ -61,6 +61,13 @@ def test_two_workers_stay_in_sync(ray_cluster, tiny_model_dir, tmp_path):
     assert out["world_size"] == 2 and out["step"] == 3
     a, b = out["param_checksums"]
     assert a == pytest.approx(b, rel=1e-9, abs=1e-9)
+    # the integrity samples were split across the two workers; one process evaluating the same
+    # hotfix must get the same figures (samples do not depend on their batch or worker)
+    from ray_unlearn.engine import evaluate_models
+
+    again = evaluate_models(tiny_cfg(tiny_model_dir, tmp_path), str(tiny_model_dir), out["hotfix"], progress=False)
+    assert again["integrity"]["ssim"] == out["integrity_ssim"]
+    assert [r["sscd_unlearned"] for r in again["targets"]] == [r["sscd_unlearned"] for r in out["report"]["targets"]]
 
 
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, tiny_model_dir, tmp_path):

@@ -35,8 +35,10 @@ from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from ray_unlearn.config import UnlearnConfig
-from ray_unlearn.engine import judge, prepare, train, write_outputs
+from ray_unlearn.engine import Reference, judge, prepare, train, write_outputs
+from ray_unlearn.evaluate import integrity_seeds
 from ray_unlearn.hashing import content_hash
+from ray_unlearn.storage import open_store
 
 STATE_FILE = "loop_state.pt"
 
@@ -106,6 +108,32 @@ def _load_state(checkpoint: Checkpoint | None, rank: int) -> dict | None:
     return state
 
 
+def _load_reference(spec: dict | None) -> Reference | None:
+    """The search's shared base outputs, read from object storage (every node can reach it)."""
+    if not spec:
+        return None
+    store = open_store(spec["store"], endpoint_url=spec.get("endpoint_url"))
+    return Reference.from_bytes(store.get_bytes(spec["key"]))
+
+
+def sharded_integrity_samples(prep, rank: int, world: int) -> torch.Tensor | None:
+    """The unlearned model's integrity samples, each worker sampling every world-th seed; the
+    shards are gathered on rank 0 in seed order (None elsewhere). Evaluation, not training, sets
+    time-to-hotfix on a real model, so every worker's device takes part."""
+    fam = prep.family
+    seeds = integrity_seeds(prep.cfg.eval)
+    mine = seeds[rank::world]
+    local = fam.generate(fam.initial_noise(mine)) if mine else None
+    shards = _gather(local, world)
+    if rank != 0:
+        return None
+    out = [None] * len(seeds)
+    for r, shard in enumerate(shards):
+        for j, img in zip(range(r, len(seeds), world), shard if shard is not None else []):
+            out[j] = img
+    return torch.stack(out)
+
+
 def _maybe_fail(config: dict, rank: int, step: int) -> None:
     """Fault injection for tests and drills: exit hard once, at a given step, on a given rank.
 
@@ -150,13 +178,14 @@ def train_loop_per_worker(config: dict) -> dict | None:
     train_cfg = cfg.train.model_copy(update={"device": str(device), "seed": cfg.train.seed + rank})
     cfg = cfg.model_copy(update={"train": train_cfg})
 
+    reference = _load_reference(config.get("reference"))
     # rank 0 fills the on-disk SampleCache first, so the base outputs are generated once
     if rank == 0:
-        prep = prepare(cfg)
+        prep = prepare(cfg, reference=reference)
     if _distributed():
         dist.barrier()
     if rank != 0:
-        prep = prepare(cfg)
+        prep = prepare(cfg, reference=reference)
     if _distributed():
         broadcast_parameters(prep.family.trainable_parameters())
 
@@ -187,6 +216,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     checksums = _gather(param_checksum(loop.params), world)
     rngs = _gather(loop.gen.get_state(), world)
+    integrity_new = sharded_integrity_samples(prep, rank, world)
     final = {"step": loop.step_count, "resumed_from_step": start_step, "param_checksums": checksums,
              "world_size": world}
     if rank != 0:
@@ -196,7 +226,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     out_dir = Path(config["out_dir"]) if config.get("out_dir") else Path(tempfile.mkdtemp(prefix="ru-out-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     hotfix = prep.family.save(out_dir / "hotfix")
-    result, target_new, integrity_new = judge(prep, progress=False)
+    result, target_new, integrity_new = judge(prep, progress=False, integrity_new=integrity_new)
     (out_dir / "history.json").write_text(json.dumps(history) + "\n")
     report = write_outputs(
         prep, out_dir, result, target_new, integrity_new, hotfix, time.perf_counter() - t0,
@@ -208,7 +238,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
     # SYNC upload (the default) copies the folder and keeps it: out_dir must stay where it is
     ray.train.report(final, checkpoint=Checkpoint.from_directory(str(out_dir)),
                      delete_local_checkpoint_after_upload=False)
-    return {"out_dir": str(out_dir), "hotfix": hotfix, **_summary(report)}
+    return {"out_dir": str(out_dir), "hotfix": hotfix, "report": report, **_summary(report)}
 
 
 def run_name(cfg: UnlearnConfig, num_workers: int) -> str:
@@ -216,25 +246,48 @@ def run_name(cfg: UnlearnConfig, num_workers: int) -> str:
     return f"unlearn-{cfg.method.name}-{content_hash(cfg.model_dump(mode='json'), num_workers)[:12]}"
 
 
+def ray_storage(storage: str, endpoint_url: str | None = None):
+    """(storage_path, storage_filesystem) for Ray's RunConfig: a local folder, or s3:// through
+    pyarrow with the S3-compatible endpoint (MinIO, a test server) when one is configured."""
+    if not storage.startswith("s3://"):
+        return str(Path(storage.removeprefix("file://")).expanduser().resolve()), None
+    endpoint = endpoint_url or os.environ.get("RAY_UNLEARN_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return storage, None  # AWS itself: pyarrow resolves the region and credentials
+    import pyarrow.fs
+
+    scheme, _, host = endpoint.partition("://")
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=host.rstrip("/") if host else scheme, scheme=scheme if host else "https",
+                                 region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    return storage[len("s3://"):].rstrip("/"), fs
+
+
+def storage_uri(path: str, filesystem) -> str:
+    """A path Ray returned, as a URI our object store and MLflow understand."""
+    return path if filesystem is None or path.startswith("s3://") else f"s3://{path}"
+
+
 def run_train(cfg: UnlearnConfig, *, num_workers: int = 1, use_gpu: bool = False, storage_path: str,
               name: str | None = None, max_failures: int = 2, cpu_per_worker: float = 0.99,
-              checkpoint_every: int = 10, loop_config: dict | None = None) -> dict:
+              checkpoint_every: int = 10, loop_config: dict | None = None,
+              endpoint_url: str | None = None) -> dict:
     """One unlearning run on Ray Train; returns the final metrics and where the results are.
 
+    `storage_path`: a local folder or s3://bucket/prefix (checkpoints, hotfix and report land there).
     `cpu_per_worker` below 1: on a small machine whole CPUs per worker (plus the controller)
     can leave the run waiting for resources forever.
-    `loop_config`: extra keys for the worker function (e.g. `fail_once` for fault drills).
+    `loop_config`: extra keys for the worker function (`fail_once` for fault drills, `reference`
+    for a search's shared base outputs).
     """
     name = name or run_name(cfg, num_workers)
-    local = "://" not in storage_path
-    if local:
-        storage_path = str(Path(storage_path).expanduser().resolve())
+    path, filesystem = ray_storage(storage_path, endpoint_url)
+    local = filesystem is None and "://" not in path
     train_config = {
         "unlearn": cfg.model_dump(mode="json"),
         "checkpoint_every": checkpoint_every,
         # on local storage the outputs are written under the run directory (and also kept in the
         # final checkpoint); on remote storage only the final checkpoint carries them
-        "out_dir": str(Path(storage_path) / name / "output") if local else None,
+        "out_dir": str(Path(path) / name / "output") if local else None,
         **(loop_config or {}),
     }
     trainer = TorchTrainer(
@@ -242,16 +295,19 @@ def run_train(cfg: UnlearnConfig, *, num_workers: int = 1, use_gpu: bool = False
         train_loop_config=train_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpu_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_path,
+        run_config=RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
     result = trainer.fit()  # raises ray.train.TrainingFailedError once max_failures is spent
     ret = result.return_value or {}
+    checkpoint = storage_uri(result.checkpoint.path, filesystem) if result.checkpoint else None
     return {
         **result.metrics,
         "name": name,
-        "run_path": result.path,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "run_path": storage_uri(result.path, filesystem),
+        "checkpoint": checkpoint,
         "out_dir": ret.get("out_dir"),
-        "hotfix": (ret.get("hotfix") or {}).get("hotfix"),
+        # the hotfix as stored: a folder inside the final checkpoint (local path or s3:// URI)
+        "hotfix": f"{checkpoint}/hotfix" if checkpoint else None,
+        "report": ret.get("report"),
     }
