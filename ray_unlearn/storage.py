@@ -256,3 +256,36 @@ def open_store(uri: str | Path, *, endpoint_url: str | None = None) -> Store:
     if "://" in text and not text.startswith("file://"):
         raise ValueError(f"unsupported store URI {text!r}: use a local folder path or s3://bucket/prefix")
     return LocalStore(text[7:] if text.startswith("file://") else text)
+
+
+def materialize(uri: str | Path, cache_root: str | Path) -> Path:
+    """A local directory holding the model at `uri`: a local path is returned as it is; an
+    's3://bucket/prefix' is downloaded once into `cache_root/<hash of the URI>/`.
+
+    The download goes to a temp folder that is renamed into place when complete, so a crash
+    never leaves a half-downloaded model that a later call would trust. The prefix is assumed
+    immutable (the batch processor writes each hotfix once, under its batch id).
+    """
+    import hashlib
+    import shutil
+
+    text = str(uri)
+    if not text.startswith("s3://"):
+        return Path(text[7:] if text.startswith("file://") else text)
+    root = Path(cache_root).expanduser()
+    dest = root / hashlib.sha256(text.rstrip("/").encode()).hexdigest()[:24]
+    if dest.is_dir():
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{_TMP}{dest.name}-{uuid.uuid4().hex[:12]}"
+    try:
+        if not open_store(text.rstrip("/")).download_dir("", tmp):
+            raise NotFoundError(text, "S3 (no objects under this prefix)")
+        try:
+            os.rename(tmp, dest)  # atomic; fails if another process finished first
+        except OSError:
+            if not dest.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
