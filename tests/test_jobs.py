@@ -1,0 +1,60 @@
+"""The jobs/ scripts as a cluster runs them: `ray job submit` to a real local Ray head (token
+authentication on), the output parsed from the job's log. One head serves the whole module.
+
+Adding a job: a tiny config, `rc, out = submit(ray_head, "jobs/x.py", *args)`, assert on
+`last_json(out)`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_head import last_json, ray_head, submit  # noqa: F401  (ray_head: the module's fixture)
+
+pytestmark = pytest.mark.slow  # a Ray head, a job driver and Train workers: a minute or more
+
+
+def tiny_config(model_dir: Path, tmp_path: Path, steps: int = 4) -> Path:
+    """A YAML config that makes a run take seconds (the settings of test_platform_train's tiny_cfg)."""
+    cfg = {
+        "model": {"path": str(model_dir)},
+        "sampler": {"steps": 4},
+        "remember": {"n": 4},
+        "eval": {"n_integrity": 4},
+        "cache_dir": str(tmp_path / "cache"),
+        "train": {"batch_forget": 2, "batch_remember": 2, "steps": steps, "device": "cpu"},
+        "targets": [{"seed": 3}],
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_head_enforces_token_auth(ray_head):
+    assert json.loads(ray_head.get("/api/authentication_mode", token=None)[1])["authentication_mode"] == "token"
+    assert ray_head.get("/api/jobs/", token=None)[0] == 401
+    assert ray_head.get("/api/jobs/", token="not-the-token")[0] == 403
+    assert ray_head.get("/api/jobs/")[0] == 200
+    assert ray_head.proc.pid in ray_head.marked_pids()  # teardown's safety net can see the head's processes
+
+
+def test_unlearn_job(ray_head, tiny_model_dir, tmp_path):
+    from diffusers import DDPMPipeline
+
+    store = tmp_path / "store"
+    rc, out = submit(ray_head, "jobs/unlearn.py", "--config", str(tiny_config(tiny_model_dir, tmp_path)),
+                     "--storage", str(store), "--checkpoint-every", "2", "--no-gpu", "--json")
+    assert rc == 0, out[-6000:]
+    res = last_json(out)
+    assert res["step"] == 4 and res["resumed_from_step"] == 0 and res["world_size"] == 1
+    assert res["use_gpu"] is False
+    assert Path(res["run_path"]) == store / res["name"]  # --storage was honoured
+    assert 0 < res["integrity_ssim"] <= 1 and res["sscd"] is not None
+    report = json.loads(Path(res["report"]).read_text())
+    assert report["steps"] == 4 and report["world_size"] == 1
+    assert (Path(res["checkpoint"]) / "report.json").is_file()
+    DDPMPipeline.from_pretrained(res["hotfix"])
