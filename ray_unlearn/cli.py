@@ -217,6 +217,57 @@ def train(
     )
 
 
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Registered model name (default: ray-unlearn-hotfix).")]
+TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db).")]
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="The hotfix version to serve.")],
+    model: ModelOpt = None,
+    alias: Annotated[str, typer.Option("--alias", help="The alias that serves.")] = "production",
+    tracking_uri: TrackingOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Skip the check of the version's evaluation (forgotten, integrity): serve it anyway.")] = False,
+) -> None:
+    """Serve a registered hotfix: move ALIAS to VERSION, if its evaluation shows it forgot every
+    target and kept the other outputs (else exit 2 and the alias stays where it was)."""
+    from ray_unlearn.platform.tracking import DEFAULT_MODEL_NAME, PromotionRefused, Registry
+
+    reg = Registry(tracking_uri, model or DEFAULT_MODEL_NAME)
+    try:
+        before = reg.serving(alias)
+        v = reg.promote(version, alias, force=force)
+    except (PromotionRefused, LookupError) as err:
+        _fail(f"{reg.name}: {err}" if isinstance(err, PromotionRefused) else str(err))
+    forced = f"; forced: {v.refusal()}" if force and v.refusal() else ""
+    was = f"; was version {before.version}" if before and before.version != v.version else ""
+    typer.echo(f"{reg.name} version {v.version} now serves as @{alias} ({v.summary()}{forced}{was})")
+
+
+@app.command()
+def versions(model: ModelOpt = None, tracking_uri: TrackingOpt = None, json_out: JsonOpt = False) -> None:
+    """The registered hotfix versions, their aliases and evaluation figures."""
+    from dataclasses import asdict
+
+    from ray_unlearn.platform.tracking import DEFAULT_MODEL_NAME, Registry
+
+    rows = Registry(tracking_uri, model or DEFAULT_MODEL_NAME).versions()
+    if json_out:
+        typer.echo(json.dumps([{**asdict(v), "passed": v.passed} for v in rows], indent=2))
+        return
+    cols = ("version", "aliases", "passed", "sscd", "threshold", "ssim", "fid", "source")
+    table = [cols] + [
+        (str(v.version), ",".join("@" + a for a in v.aliases), str(v.passed).lower(), v.tags.get("sscd", ""),
+         v.tags.get("threshold", ""), v.tags.get("integrity_ssim", ""), v.tags.get("fid", ""), v.source)
+        for v in rows
+    ]
+    widths = [max(len(r[i]) for r in table) for i in range(len(cols))]
+    for r in table:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    if not rows:
+        typer.echo(f"(no versions of {model or DEFAULT_MODEL_NAME})")
+
+
 from ray_unlearn.requests.cli import requests_app  # noqa: E402
 
 app.add_typer(requests_app, name="requests", help="Deletion requests: submit, list, show (the queue).")
