@@ -268,6 +268,111 @@ def versions(model: ModelOpt = None, tracking_uri: TrackingOpt = None, json_out:
         typer.echo(f"(no versions of {model or DEFAULT_MODEL_NAME})")
 
 
+def _front_table(summary: dict) -> str:
+    rows = [("version", "sscd", "integrity", "fid", "scored on", "settings")]
+    chosen = (summary.get("chosen") or {}).get("version")
+    for p in summary.get("front", []):
+        settings = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                             for k, v in p["params"].items())
+        rows.append((f"{p['version']}{' *' if p['version'] == chosen else ''}", f"{p['sscd']:.3f}", f"{p['integrity']:.3f}",
+                     "" if p.get("fid") is None else f"{p['fid']:.1f}", p.get("scored_on", ""), settings))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _print_search(summary: dict) -> None:
+    n_ok, n_front = len(summary["trials"]), len(summary["front"])
+    forgot = sum(p["forgotten"] for p in summary["trials"])
+    typer.echo(f"\nsearch {summary['search']}: {n_ok} trials ({forgot} forgot the target), "
+               f"{len(summary['errors'])} failed; base model sampled {summary['base_sampling_passes']} time(s)")
+    typer.echo(f"forget threshold SSCD < {summary['threshold']}; integrity bound SSIM >= {summary['min_integrity']}")
+    typer.echo(f"Pareto front ({n_front} point{'s' * (n_front != 1)}; * = chosen), hypervolume {summary['hypervolume']}:")
+    typer.echo(_front_table(summary) if n_front else "  (empty: no trial forgot the target; widen the search space)")
+    typer.echo(f"pareto: {summary['pareto_uri']}  (and pareto.png beside it)")
+
+
+@app.command()
+def search(
+    config: ConfigOpt = None,
+    set_: SetOpt = [],  # noqa: B006
+    target: Annotated[list[Path], typer.Option("--target", help="Image file of an output to forget (repeatable).")] = [],  # noqa: B006
+    target_seed: Annotated[list[int], typer.Option("--target-seed", help="Forget the base model's output for this seed (repeatable).")] = [],  # noqa: B006
+    space: Annotated[str, typer.Option("--space", help="A search_spaces/ name (surrogate, neggrad, erasediff, siss, demo) or a YAML file.")] = "surrogate",
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Trials to run.")] = 16,
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Ray Train workers per trial (one per GPU).")] = 1,
+    gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Train on GPUs (default: if the cluster has any).", show_default=False)] = None,
+    proxy_integrity: Annotated[int, typer.Option("--proxy-integrity", min=0, help="Score trials on this many integrity seeds, re-check the front at eval.n_integrity (0: score at full size).")] = 16,
+    max_concurrent: Annotated[Optional[int], typer.Option("--max-concurrent", help="Trials at once (default: what the cluster fits).", show_default=False)] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="A folder or s3://bucket/prefix (default: $RAY_UNLEARN_STORE or ./ray_unlearn_store).", show_default=False)] = None,
+    tracking_uri: TrackingOpt = None,
+    model: ModelOpt = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Search name (default: derived from the settings; the same name resumes).", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="The searcher's seed.")] = 0,
+    promote_best: Annotated[bool, typer.Option("--promote", help="Serve the chosen front point (@production) when it passes.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write pareto.json / pareto.png here.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Ray Tune's Pareto search over a search space: forgetting (SSCD) vs. integrity (SSIM); every
+    trial a Ray Train run, an MLflow child run and a registered hotfix version."""
+    import os
+
+    cfg = _config(config, set_, None, None, target, target_seed)
+    if not cfg.targets:
+        _fail("no targets: give --target IMAGE and/or --target-seed N (or `targets:` in the config)")
+    from ray_unlearn.config import ConfigError
+    from ray_unlearn.platform.search import SearchOptions, init_ray, run_search
+    from ray_unlearn.platform.tracking import DEFAULT_MODEL_NAME, PromotionRefused, Registry
+
+    import ray
+
+    opts = SearchOptions(space=space, trials=trials, workers=workers, proxy_integrity=proxy_integrity or None,
+                         storage=storage or os.environ.get("RAY_UNLEARN_STORE") or "./ray_unlearn_store",
+                         tracking_uri=tracking_uri, model_name=model or DEFAULT_MODEL_NAME, name=name,
+                         max_concurrent=max_concurrent, seed=seed, out_dir=str(out) if out else None)
+    try:
+        init_ray()
+        opts.gpu = gpu if gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        summary = run_search(cfg, opts, progress=not json_out)
+    except (ConfigError, ValueError) as err:
+        _fail(str(err))
+    if promote_best and summary["chosen"]:
+        try:
+            summary["promoted_version"] = Registry(tracking_uri, opts.model_name).promote(summary["chosen"]["version"]).version
+        except PromotionRefused as err:
+            summary["promotion_refused"] = str(err)
+    if json_out:
+        typer.echo(json.dumps(summary, default=str))
+        return
+    _print_search(summary)
+    if summary.get("promoted_version"):
+        typer.echo(f"promoted: {opts.model_name} version {summary['promoted_version']} @production")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Everything goes here: store, MLflow DB, pareto.")] = Path("runs/demo"),
+    trials: Annotated[int, typer.Option("--trials", min=2, help="Search trials.")] = 6,
+    space: Annotated[str, typer.Option("--space", help="Search space.")] = "demo",
+    set_: SetOpt = [],  # noqa: B006
+    json_out: JsonOpt = False,
+) -> None:
+    """The main job, end to end on embedded defaults: a deletion request for the shipped demo
+    model's output (seed 7), a Pareto search on local Ray, MLflow on SQLite, the best hotfix promoted."""
+    from ray_unlearn.platform.demo import run_demo
+
+    summary = run_demo(out, trials=trials, space=space, progress=not json_out, sets=set_)
+    if json_out:
+        typer.echo(json.dumps(summary, default=str))
+        return
+    typer.echo(f"deletion request {summary['request']} ({'new' if summary['request_new'] else 'already queued'})")
+    _print_search(summary)
+    if summary["promoted_version"]:
+        typer.echo(f"promoted: ray-unlearn-hotfix version {summary['promoted_version']} now serves as @production")
+    else:
+        typer.echo(f"nothing promoted: {summary['promotion_refused'] or 'no front point within the integrity bound'}")
+    typer.echo(f"see the runs, sample grids and the registry:\n  {summary['mlflow_ui']}\n  then open http://127.0.0.1:5000")
+
+
 from ray_unlearn.requests.cli import requests_app  # noqa: E402
 
 app.add_typer(requests_app, name="requests", help="Deletion requests: submit, list, show (the queue).")

@@ -83,3 +83,39 @@ def integrity_grid(path: str | Path, base: torch.Tensor, new: torch.Tensor, n: i
         grid = torch.nn.functional.interpolate(grid, scale_factor=4, mode="nearest")
     save_image(grid, path, nrow=per_row, padding=2, pad_value=1.0)
     return Path(path)
+
+
+def pareto_plot(path: str | Path, points: list[dict], front: list[dict], threshold: float | None,
+                min_integrity: float | None = None, chosen: dict | None = None, title: str = "") -> Path:
+    """Every trial as (SSCD, integrity SSIM); the front joined; the forget threshold and the
+    integrity bound as lines. Lower-right is better: forgotten and intact."""
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    ok = [p for p in points if p.get("sscd") is not None and p.get("integrity") is not None]
+    forgot = [p for p in ok if p.get("forgotten")]
+    kept = [p for p in ok if not p.get("forgotten")]
+    if kept:
+        ax.scatter([p["sscd"] for p in kept], [p["integrity"] for p in kept], marker="x", color="0.6",
+                   label="did not forget")
+    if forgot:
+        ax.scatter([p["sscd"] for p in forgot], [p["integrity"] for p in forgot], color="tab:blue", alpha=0.6,
+                   label="forgot")
+    if front:
+        ax.plot([p["sscd"] for p in front], [p["integrity"] for p in front], "-o", color="tab:red", label="Pareto front")
+    if chosen:
+        ax.scatter([chosen["sscd"]], [chosen["integrity"]], s=160, facecolors="none", edgecolors="black",
+                   linewidths=1.5, label="chosen")
+    if threshold is not None:
+        ax.axvline(threshold, color="tab:red", ls=":", lw=1)
+        ax.text(threshold, ax.get_ylim()[0], " forget threshold", color="tab:red", fontsize=7, va="bottom")
+    if min_integrity is not None:
+        ax.axhline(min_integrity, color="tab:green", ls=":", lw=1)
+    ax.set_xlabel("SSCD of the target after unlearning (lower = forgotten)")
+    ax.set_ylabel("integrity SSIM vs base (higher = intact)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -11,43 +11,7 @@ import pytest
 from ray_unlearn.storage import LocalStore, NotFoundError, StorageError, check_key, open_store
 from ray_unlearn.storage_s3 import S3Store
 
-BUCKET = "ray-unlearn-test"
-
-
-@pytest.fixture(scope="module")
-def moto_s3():
-    """A moto S3 server on 127.0.0.1 (a free port), dummy credentials, one bucket; stopped at the end."""
-    import boto3
-    from moto.s3.responses import S3Response
-    from moto.server import ThreadedMotoServer
-
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_CONFIG_FILE"):
-            mp.delenv(name, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        # moto checks If-None-Match and then stores, without a lock, on a threaded server; real S3
-        # decides conditional writes atomically, so make moto do the same for the race tests
-        lock = threading.Lock()
-        original = S3Response.put_object
-
-        def put_object(self, *a, **kw):
-            with lock:
-                return original(self, *a, **kw)
-
-        mp.setattr(S3Response, "put_object", put_object)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        mp.setenv("RAY_UNLEARN_S3_ENDPOINT_URL", endpoint)
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
-        try:
-            yield endpoint
-        finally:
-            server.stop()
+from conftest import BUCKET  # noqa: E402  (the moto_s3 fixture lives in conftest)
 
 
 @pytest.fixture(params=["local", "s3"])

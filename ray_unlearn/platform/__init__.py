@@ -1,5 +1,5 @@
-"""The platform layer: Ray around the engine. The engine (`ray_unlearn.engine`) knows nothing of Ray."""
+"""The platform layer: Ray, MLflow and object storage around the engine, which knows none of them.
 
-from ray_unlearn.platform.train import run_train, train_loop_per_worker
-
-__all__ = ["run_train", "train_loop_per_worker"]
+train.py (Ray Train), search.py (Ray Tune), tracking.py (MLflow), demo.py (the main job). Nothing
+is imported here: `ray-unlearn versions` should not pay for importing Ray and torch.
+"""

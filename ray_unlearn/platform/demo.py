@@ -1,0 +1,56 @@
+"""The main job on embedded defaults: a deletion request, a Pareto search, a promoted hotfix.
+
+Everything lives under one folder (default runs/demo): the object store (store/), MLflow's SQLite
+store (mlflow.db) and its artifacts (mlartifacts/), pareto.json / pareto.png. Local Ray, the
+shipped demo model, no network.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ray_unlearn.config import load_config
+from ray_unlearn.data import save_image
+from ray_unlearn.engine import load_family
+from ray_unlearn.platform.search import SearchOptions, init_ray, run_search
+from ray_unlearn.platform.tracking import PromotionRefused, Registry
+from ray_unlearn.requests.queue import Queue
+from ray_unlearn.storage import open_store
+
+DEMO_SEED = 7  # the demo model's output for seed 7 is "the face" a user asks to remove
+
+
+def run_demo(out: str | Path = "runs/demo", trials: int = 6, space: str = "demo", seed: int = DEMO_SEED,
+             proxy_integrity: int = 16, progress: bool = True, sets: list[str] = ()) -> dict:
+    root = Path(out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    store_uri = str(root / "store")
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+
+    # 1. the request, as a user sends it: a picture the model made (and its seed, from the service's logs)
+    png = root / "request.png"
+    if not png.is_file():
+        base_cfg = load_config(None, list(sets))
+        fam = load_family(base_cfg, lora=False)
+        save_image(fam.generate(fam.initial_noise([seed]))[0], png)
+    record, new = Queue(open_store(store_uri)).submit(png, seed=seed, note="demo: 'your model generates my face: remove it'")
+
+    # 2. the search for the settings that forget it while changing the model least
+    cfg = load_config(None, list(sets), base={"targets": [{"image": str(png), "seed": seed}]})
+    init_ray(num_cpus=os.cpu_count())
+    opts = SearchOptions(space=space, trials=trials, storage=store_uri, tracking_uri=tracking,
+                         proxy_integrity=proxy_integrity, out_dir=str(root))
+    summary = run_search(cfg, opts, progress=progress)
+
+    # 3. the hotfix to ship: the most intact front point within the integrity bound
+    promoted, refused = None, None
+    if summary["chosen"]:
+        try:
+            promoted = Registry(tracking).promote(summary["chosen"]["version"]).version
+        except PromotionRefused as err:
+            refused = str(err)
+    summary.update({"request": record.id, "request_new": new, "promoted_version": promoted, "promotion_refused": refused,
+                    "mlflow_ui": f"mlflow ui --backend-store-uri {tracking} --port 5000",
+                    "out_dir": str(root)})
+    return summary

@@ -1,0 +1,329 @@
+"""Ray Tune's Pareto search: which settings forget the target while changing the model least.
+
+The driver (`run_search`):
+  1. validates the search space (search_spaces/*.yaml) against the config before any trial;
+  2. samples the base model's shared outputs ONCE (remember set, integrity samples at full size,
+     the targets and the base's outputs for them: `engine.reference_outputs`) and puts them in
+     object storage, where every trial on every node reads them;
+  3. opens one MLflow parent run and runs Tune: OptunaSearch with two objectives (SSCD: min,
+     integrity SSIM: max; Tune's own TuneConfig(metric=...) takes no lists, OptunaSearch does).
+     Each trial is a Tune function trainable that launches a Ray Train run (Train V2: the
+     trainer runs *inside* the trial, `Tuner(trainer)` is gone) and asks for 0.01 CPU itself,
+     the workers 0.99 each: whole CPUs for the trial driver deadlock a 2-CPU machine;
+  4. scores trials on a proxy integrity set (the first `proxy_integrity` seeds, no FID), then
+     re-checks only the front's points at full size and keeps the front of the re-checked figures;
+  5. writes pareto.json and pareto.png to storage, MLflow (parent run) and the output folder.
+A search is resumable: the same name and storage restore the Tuner (`Tuner.restore`), finished
+trials are not rerun, and an interrupted trial's Train run resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import ray
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from ray_unlearn import pareto
+from ray_unlearn.config import UnlearnConfig, load_config
+from ray_unlearn.engine import Reference, build_metrics, judge, load_family, prepare, reference_outputs
+from ray_unlearn.hashing import content_hash
+from ray_unlearn.platform.tracking import DEFAULT_MODEL_NAME, Registry, Tracker, redact_config, version_tags
+from ray_unlearn.platform.train import ray_storage, run_train
+from ray_unlearn.search_space import load_space, to_tune
+from ray_unlearn.storage import open_store
+from ray_unlearn.viz import pareto_plot
+
+TRIAL_CPU = 0.01  # the trial's own process only waits on its Train run
+WORKER_CPU = 0.99
+OBJECTIVES = {"sscd": "min", "integrity": "max"}
+
+
+@dataclass
+class SearchOptions:
+    space: str = "surrogate"  # a search_spaces/ name or a YAML path
+    trials: int = 16
+    workers: int = 1  # Ray Train workers per trial (one per GPU)
+    gpu: bool = False
+    proxy_integrity: int | None = 16  # trials score on this many integrity seeds; None: full size
+    storage: str = "./ray_unlearn_store"
+    endpoint_url: str | None = None
+    tracking_uri: str | None = None
+    experiment: str = "ray-unlearn"
+    model_name: str = DEFAULT_MODEL_NAME
+    name: str | None = None
+    max_concurrent: int | None = None  # default: as many as the cluster's CPUs/GPUs fit
+    seed: int = 0
+    searcher: str = "optuna"  # "optuna" (multi-objective TPE) or "grid" (the `grid` points, a baseline)
+    grid: list[dict] = field(default_factory=list)
+    out_dir: str | None = None  # a local copy of pareto.json / pareto.png
+
+
+def _join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def search_name(cfg: UnlearnConfig, opts: SearchOptions, space: dict) -> str:
+    """Deterministic: the same search, started again, resumes instead of starting over."""
+    key = content_hash(cfg.model_dump(mode="json"), space, opts.trials, opts.workers, opts.proxy_integrity,
+                       opts.seed, opts.searcher, opts.grid)
+    return f"search-{space['method']}-{key[:10]}"
+
+
+def _trial_config(base: dict, params: dict, proxy: int | None) -> UnlearnConfig:
+    sets = [f"{k}={v}" for k, v in params.items()]
+    if proxy is not None:
+        sets += [f"eval.n_integrity={proxy}", "eval.fid=false"]
+    return load_config(None, sets, base=base)
+
+
+@contextmanager
+def _local(uri: str, filesystem):
+    """A stored folder (a Ray checkpoint, local or s3://) as a local directory."""
+    if filesystem is None and "://" not in uri:
+        yield Path(uri)
+        return
+    from ray.train import Checkpoint
+
+    path = uri[len("s3://"):] if filesystem is not None and uri.startswith("s3://") else uri
+    with Checkpoint(path, filesystem=filesystem).as_directory() as d:
+        yield Path(d)
+
+
+def _point(report: dict, params: dict) -> dict:
+    rows = report.get("targets") or []
+    sscd = [r["sscd_unlearned"] for r in rows if r.get("sscd_unlearned") is not None]
+    return {
+        "params": params,
+        "sscd": max(sscd) if sscd else None,
+        "integrity": report.get("integrity", {}).get("ssim"),
+        "fid": report.get("integrity", {}).get("fid"),
+        "forgotten": bool(report.get("all_forgotten")),
+        "passed": bool(report.get("passed")),
+        "threshold": (report.get("forget_threshold") or {}).get("value"),
+        "n_integrity": report.get("integrity", {}).get("n"),
+    }
+
+
+def _trial(config: dict, ctx: dict) -> None:
+    """One Tune trial: a Ray Train run of the sampled settings, logged, registered, reported."""
+    params = dict(config.get("point") or config)
+    trial_id = tune.get_context().get_trial_id()
+    cfg = _trial_config(ctx["base"], params, ctx["proxy"])
+    tracker = Tracker(ctx["tracking_uri"], ctx["experiment"])
+    run_id = tracker.start_run(f"trial-{trial_id}", parent_run_id=ctx["parent_run_id"],
+                               params={**params, "workers": ctx["workers"], "method": cfg.method.name},
+                               tags={"search": ctx["name"], "trial_id": trial_id})
+    try:
+        out = run_train(cfg, num_workers=ctx["workers"], use_gpu=ctx["gpu"], storage_path=ctx["ray_storage"],
+                        name=f"{ctx['name']}-{trial_id}", loop_config={"reference": ctx["reference"]},
+                        endpoint_url=ctx["endpoint_url"], cpu_per_worker=WORKER_CPU)
+        report = out["report"]
+        _, filesystem = ray_storage(ctx["ray_storage"], ctx["endpoint_url"])
+        with _local(out["checkpoint"], filesystem) as d:
+            tracker.log_history(run_id, json.loads((d / "history.json").read_text()))
+            tracker.log_report(run_id, report, d, storage_uri=out["checkpoint"])
+        version = Registry(ctx["tracking_uri"], ctx["model_name"]).register(
+            out["hotfix"], run_id=run_id, idempotency_key=f"{ctx['name']}/{trial_id}",
+            tags=version_tags(report, search=ctx["name"], trial=trial_id, scored_on=f"proxy n={cfg.eval.n_integrity}",
+                              report_uri=f"{out['checkpoint']}/report.json"))
+        tracker.end_run(run_id)
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    point = _point(report, params)
+    tune.report({**{k: v for k, v in point.items() if k != "params"}, "sscd": point["sscd"] if point["sscd"] is not None else 1.0,
+                 "integrity": point["integrity"] if point["integrity"] is not None else 0.0,
+                 "version": version.version, "hotfix": out["hotfix"], "mlflow_run_id": run_id,
+                 "checkpoint": out["checkpoint"]})
+
+
+def recheck(base: dict, params: dict, hotfix: str, reference: dict, ray_storage_uri: str,
+            endpoint_url: str | None = None) -> dict:
+    """A front point's hotfix evaluated at full size (all integrity seeds, FID on)."""
+    cfg = _trial_config(base, params, None)
+    store = open_store(reference["store"], endpoint_url=endpoint_url)
+    ref = Reference.from_bytes(store.get_bytes(reference["key"]))
+    _, filesystem = ray_storage(ray_storage_uri, endpoint_url)
+    checkpoint = hotfix.rsplit("/hotfix", 1)[0]
+    with _local(checkpoint, filesystem) as d:
+        family = load_family(cfg, str(d / "hotfix"), lora=False)
+        prep = prepare(cfg, family, surrogates=False, reference=ref)
+        result, _, _ = judge(prep, build_metrics(cfg, family.device), progress=False)
+    return result
+
+
+def start_point(cfg: UnlearnConfig, space: dict) -> dict:
+    """The config's current value of every searched key, clipped into the searched range."""
+    data = cfg.model_dump(mode="json")
+    point = {}
+    for key, (kind, args) in space["space"].items():
+        value = data
+        for part in key.split("."):
+            value = value[part]
+        if kind == "choice":
+            value = value if value in args else args[0]
+        else:
+            value = min(max(value, args[0]), args[1])
+            value = int(round(value)) if kind == "int" else float(value)
+        point[key] = value
+    return point
+
+
+def _concurrency(opts: SearchOptions) -> int:
+    if opts.max_concurrent:
+        return opts.max_concurrent
+    res = ray.cluster_resources()
+    if opts.gpu:
+        return max(1, int(res.get("GPU", 0) // opts.workers))
+    return max(1, int((res.get("CPU", 1) - TRIAL_CPU) // (WORKER_CPU * opts.workers)))
+
+
+def run_search(cfg: UnlearnConfig, opts: SearchOptions, progress: bool = True) -> dict:
+    """The whole search; returns the summary written to pareto.json."""
+    space = load_space(opts.space)
+    cfg = load_config(None, [f"method.name={space['method']}"], base=cfg.model_dump(mode="json")) \
+        if cfg.method.name != space["method"] else cfg
+    if opts.searcher == "grid" and not opts.grid:
+        raise ValueError("searcher='grid' needs the grid points (SearchOptions.grid)")
+    if opts.proxy_integrity is not None and opts.proxy_integrity >= cfg.eval.n_integrity:
+        opts.proxy_integrity = None  # the proxy would be the full set: no re-check needed
+    name = opts.name or search_name(cfg, opts, space)
+    store = open_store(opts.storage, endpoint_url=opts.endpoint_url)
+    prefix = f"searches/{name}"
+    ray_uri = _join(opts.storage, "ray")
+    tracker = Tracker(opts.tracking_uri, opts.experiment)
+    registry = Registry(opts.tracking_uri, opts.model_name)
+
+    # 1. the base model's shared outputs, once per search (also across resumes)
+    ref_key = f"{prefix}/reference.pt"
+    if store.exists(ref_key):
+        base_passes = 0
+    else:
+        ref = reference_outputs(cfg, targets=True, progress=progress)
+        store.put_bytes(ref_key, ref.to_bytes())
+        base_passes = ref.cache_hits["base_passes"]
+    reference = {"store": opts.storage, "key": ref_key, "endpoint_url": opts.endpoint_url}
+
+    # 2. the parent run (reused when the search resumes)
+    parent_key = f"{prefix}/parent_run.json"
+    if store.exists(parent_key):
+        parent_run_id = store.get_json(parent_key)["run_id"]
+    else:
+        parent_run_id = tracker.start_run(name, params={"space": opts.space, "trials": opts.trials, "workers": opts.workers,
+                                                        "proxy_integrity": opts.proxy_integrity, "searcher": opts.searcher,
+                                                        "config": redact_config(cfg.model_dump(mode="json"))},
+                                          tags={"search": name, "kind": "search"})
+        store.put_json(parent_key, {"run_id": parent_run_id})
+
+    ctx = {"base": cfg.model_dump(mode="json"), "proxy": opts.proxy_integrity, "tracking_uri": tracker.uri,
+           "experiment": opts.experiment, "parent_run_id": parent_run_id, "name": name, "workers": opts.workers,
+           "gpu": opts.gpu, "ray_storage": _join(opts.storage, "ray", "trials"), "reference": reference,
+           "endpoint_url": opts.endpoint_url, "model_name": opts.model_name}
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": TRIAL_CPU})
+    path, filesystem = ray_storage(ray_uri, opts.endpoint_url)
+    tuner_path = _join(ray_uri, name) if filesystem is None else _join(path, name)
+    if tune.Tuner.can_restore(tuner_path, storage_filesystem=filesystem):
+        tuner = tune.Tuner.restore(tuner_path, trainable, resume_errored=True, storage_filesystem=filesystem)
+    else:
+        if opts.searcher == "grid":
+            param_space, search_alg, samples = {"point": tune.grid_search(list(opts.grid))}, None, 1
+        else:
+            param_space = to_tune(space)
+            # the config's own settings go first: the search starts from the known-good point
+            search_alg = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), seed=opts.seed,
+                                      points_to_evaluate=[start_point(cfg, space)])
+            samples = opts.trials
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=samples,
+                                        max_concurrent_trials=_concurrency(opts)),
+            run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,
+                                      verbose=1 if progress else 0),
+        )
+    results = tuner.fit()
+
+    # 3. the trials' points, the proxy front, the full-size re-check of the front
+    points, errors = [], []
+    for r in results:
+        if r.error is not None or not r.metrics or "version" not in r.metrics:
+            errors.append(str(r.error)[:500] if r.error else "no result")
+            continue
+        m = r.metrics
+        params = dict(r.config.get("point") or r.config)
+        points.append({"trial": m.get("trial_id"), "params": params, "sscd": m["sscd"], "integrity": m["integrity"],
+                       "fid": m.get("fid"), "forgotten": bool(m["forgotten"]), "passed": bool(m["passed"]),
+                       "threshold": m.get("threshold"), "version": m["version"], "hotfix": m["hotfix"],
+                       "mlflow_run_id": m["mlflow_run_id"], "scored_on": f"proxy n={m.get('n_integrity')}"})
+    threshold = next((p["threshold"] for p in points if p.get("threshold") is not None), None)
+    proxy_front = pareto.front(points)
+    hv_proxy = pareto.hypervolume(points, threshold) if threshold else 0.0
+    final = proxy_front
+    if opts.proxy_integrity is not None and proxy_front:
+        task = ray.remote(num_cpus=0 if opts.gpu else WORKER_CPU, num_gpus=1 if opts.gpu else 0)(recheck)
+        refs = [task.remote(ctx["base"], p["params"], p["hotfix"], reference, ctx["ray_storage"], opts.endpoint_url)
+                for p in proxy_front]
+        rechecked = []
+        for p, result in zip(proxy_front, ray.get(refs)):
+            q = {**p, **{k: v for k, v in _point(result, p["params"]).items() if k != "params"},
+                 "scored_on": f"full n={result['integrity']['n']}", "proxy": {"sscd": p["sscd"], "integrity": p["integrity"]}}
+            for k, v in {**version_tags(result), "scored_on": q["scored_on"]}.items():  # full-size figures replace the proxy's
+                registry.client.set_model_version_tag(registry.name, str(q["version"]), k, v)
+            rechecked.append(q)
+        final = pareto.front(rechecked)
+    min_integrity = cfg.eval.min_integrity_ssim
+    chosen = pareto.choose(final, min_integrity)
+    summary = {
+        "search": name, "objectives": OBJECTIVES, "space": {k: list(v) for k, v in space["space"].items()},
+        "method": space["method"], "trials": points, "errors": errors,
+        "front_proxy": proxy_front, "front": final, "chosen": chosen,
+        "threshold": threshold, "min_integrity": min_integrity,
+        "hypervolume_proxy": round(hv_proxy, 6),
+        "hypervolume": round(pareto.hypervolume(final, threshold), 6) if threshold else 0.0,
+        "base_sampling_passes": base_passes, "mlflow_parent_run_id": parent_run_id,
+        "tracking_uri": tracker.uri, "storage": opts.storage, "options": asdict(opts),
+    }
+
+    # 4. pareto.json + plot: storage, MLflow parent run, local folder
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "pareto.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        pareto_plot(tmp / "pareto.png", points, final, threshold, min_integrity, chosen,
+                    title=f"{name}: {len(points)} trials, {len(final)} on the front")
+        for f in ("pareto.json", "pareto.png"):
+            store.put_bytes(f"{prefix}/{f}", (tmp / f).read_bytes())
+            tracker.log_figure(parent_run_id, tmp / f)
+            if opts.out_dir:
+                Path(opts.out_dir).mkdir(parents=True, exist_ok=True)
+                (Path(opts.out_dir) / f).write_bytes((tmp / f).read_bytes())
+    tracker.log_metrics(parent_run_id, {"hypervolume": summary["hypervolume"], "front_size": len(final),
+                                        "trials_ok": len(points), "base_sampling_passes": base_passes})
+    tracker.set_tags(parent_run_id, {"pareto_uri": store.uri(f"{prefix}/pareto.json"),
+                                     "chosen_version": str(chosen["version"]) if chosen else ""})
+    tracker.end_run(parent_run_id)
+    summary["pareto_uri"] = store.uri(f"{prefix}/pareto.json")
+    return summary
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster of a `ray job submit` job (RAY_ADDRESS), or start a local one."""
+    if ray.is_initialized():
+        return
+    # under `ray job submit` the job's runtime env already reaches the workers, and ray.init
+    # refuses to redefine one of its env vars: pass on only what it lacks
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    given = set(((job.get("runtime_env") or {}).get("env_vars") or {}))
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", "RAY_UNLEARN_S3_ENDPOINT_URL",
+                                      "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                      "AWS_DEFAULT_REGION", "OMP_NUM_THREADS") if k in os.environ and k not in given}
+    kwargs = {"runtime_env": {"env_vars": env}} if env else {}
+    if "RAY_ADDRESS" not in os.environ and num_cpus:
+        kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
