@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-all bench clean
+.PHONY: install demo test test-slow test-all bench bench-search clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/ray-unlearn unlearn --target-seed 7 --out runs/demo
+	HF_HUB_OFFLINE=1 $(BIN)/ray-unlearn demo --out runs/demo
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
@@ -38,6 +38,9 @@ test-all: install
 
 bench: install
 	$(BIN)/python jobs/benchmark.py
+
+bench-search: install
+	$(BIN)/python jobs/benchmark.py --search
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

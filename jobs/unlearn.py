@@ -19,13 +19,9 @@ except ImportError:  # a checkout (e.g. a job's working_dir) without `pip instal
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ray_unlearn.cli import app
+    from ray_unlearn.cli import run_command
 
-    try:
-        app(["train", *(sys.argv[1:] if argv is None else argv)], prog_name="jobs/unlearn.py")
-    except SystemExit as exit_:  # typer ends with SystemExit; return its code instead
-        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-    return 0
+    return run_command("train", sys.argv[1:] if argv is None else argv, "jobs/unlearn.py")
 
 
 if __name__ == "__main__":

@@ -378,6 +378,15 @@ from ray_unlearn.requests.cli import requests_app  # noqa: E402
 app.add_typer(requests_app, name="requests", help="Deletion requests: submit, list, show (the queue).")
 
 
+def run_command(name: str, argv: list[str], prog_name: str) -> int:
+    """One command as a `jobs/` script runs it: its exit code returned, not raised."""
+    try:
+        app([*name.split(), *argv], prog_name=prog_name)
+    except SystemExit as exit_:  # typer ends with SystemExit
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return 0
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

@@ -58,3 +58,24 @@ def test_unlearn_job(ray_head, tiny_model_dir, tmp_path):
     assert report["steps"] == 4 and report["world_size"] == 1
     assert (Path(res["checkpoint"]) / "report.json").is_file()
     DDPMPipeline.from_pretrained(res["hotfix"])
+
+
+def test_search_job(ray_head, tiny_model_dir, tmp_path):
+    from ray_unlearn.platform.tracking import Registry
+
+    space = tmp_path / "space.yaml"
+    space.write_text("method: surrogate\nspace:\n  train.lr: {loguniform: [1.0e-3, 1.0e-2]}\n  train.steps: {int: [2, 3]}\n")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc, out = submit(ray_head, "jobs/search.py", "--config", str(tiny_config(tiny_model_dir, tmp_path)),
+                     "--set", "eval.n_integrity=6", "--set", "eval.threshold=fixed", "--set", "eval.fixed_threshold=0.995",
+                     "--set", "eval.min_integrity_ssim=0", "--space", str(space), "--trials", "2", "--proxy-integrity", "4",
+                     "--max-concurrent", "1", "--storage", str(tmp_path / "store"), "--tracking-uri", tracking,
+                     "--promote", "--no-gpu", "--json")
+    assert rc == 0, out[-6000:]
+    res = last_json(out)
+    assert len(res["trials"]) == 2 and res["base_sampling_passes"] == 1
+    assert (tmp_path / "store" / "searches" / res["search"] / "pareto.json").is_file()
+    reg = Registry(tracking)
+    assert len(reg.find(search=res["search"])) == 2
+    if res["chosen"]:  # the chosen front point passed its gates: the job promoted it
+        assert res["promoted_version"] == res["chosen"]["version"] == reg.serving().version

@@ -44,7 +44,10 @@ def test_one_sampling_pass_for_everything_a_search_shares(tiny_model_dir, tmp_pa
 def test_prepare_from_shared_reference_matches_prepare_alone(tiny_model_dir, tmp_path):
     cfg = cfg_for(tiny_model_dir, tmp_path)
     ref = Reference.from_bytes(reference_outputs(cfg, targets=True, progress=False).to_bytes())  # as trials get it
-    shared = prepare(cfg, reference=ref)
+    fam = load_family(cfg)
+    calls = counting(fam)
+    shared = prepare(cfg, fam, reference=ref)
+    assert calls == []  # a trial given the reference samples nothing from the base model
     alone = prepare(cfg_for(tiny_model_dir, tmp_path / "other"))
     for name in ("remember", "integrity_base", "target_base", "surrogates"):
         assert torch.allclose(getattr(shared, name), getattr(alone, name), atol=1e-6), name
