@@ -114,6 +114,8 @@ def show(
         typer.echo(f"{key}: {_safe(value)}")
     typer.echo("evidence:" + ("" if evidence else " (none yet)"))
     for key, value in evidence.items():
+        if key == "descriptor" and isinstance(value, dict) and "b64" in value:  # 1.4 kB of base64: say what it is
+            value = {**value, "b64": f"<{len(str(value['b64']))} base64 chars>"}
         typer.echo(f"  {_safe(key)}: {_safe(json.dumps(value))}")
     typer.echo("ledger:")
     for e in ledger:
@@ -140,3 +142,52 @@ def purge_image(request_id: Annotated[str, typer.Argument(metavar="ID")], store:
     with _errors():
         rec = _queue(store).purge_image(request_id)
     typer.echo(f"{rec.id}: image purged; state {rec.state}")
+
+
+@requests_app.command()
+def process(
+    limit: Annotated[int, typer.Option("--limit", "-n", help="Requests to claim for this batch (1-300).")] = 8,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config [default: the serving "
+                      "version's stored settings, else the built-in defaults].")] = None,
+    set_: Annotated[list[str], typer.Option("--set", "-s", help="Override a config key: train.lr=1e-4 (repeatable).")] = [],  # noqa: B006
+    store: StoreOpt = None,
+    tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking/registry URI "
+                            "[default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db].", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Registered model name [default: ray-unlearn-hotfix].",
+                     show_default=False)] = None,
+    retention: Annotated[str, typer.Option("--retention", help="delete: purge a request's image once it is done "
+                         "(its evidence stays); keep: keep it.")] = "delete",
+    lease_seconds: Annotated[float, typer.Option("--lease-seconds", help="Lease on each claimed request, "
+                             "renewed every third of it; must exceed any pause of this process.")] = 900.0,
+    max_attempts: Annotated[int, typer.Option("--max-attempts", help="Claims of one request before it is failed.")] = 5,
+    gpu: Annotated[bool, typer.Option("--gpu", help="Run the batch as a Ray task on a GPU worker "
+                   "(RAY_ADDRESS or a local Ray) instead of in this process.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Process a batch: unlearn the oldest pending requests one after another on top of the serving
+    version, verify each (and every earlier one), check integrity against the base model, then
+    register one new version and move the alias. Exit status 3: some requests went back to pending."""
+    import sys
+
+    from ray_unlearn.requests.process import run_batch
+
+    def log(msg: str) -> None:
+        typer.echo(_safe(msg), err=json_out)
+
+    with _errors():
+        from ray_unlearn.config import ConfigError
+        from ray_unlearn.requests.lineage import LineageError
+
+        try:
+            out = run_batch(store=store or os.environ.get("RAY_UNLEARN_STORE") or DEFAULT_STORE, limit=limit,
+                            config_path=str(config) if config else None, overrides=list(set_),
+                            tracking_uri=tracking_uri, model_name=model, retention=retention,
+                            lease_seconds=lease_seconds, max_attempts=max_attempts, gpu=gpu, log=log)
+        except (ConfigError, LineageError) as err:
+            _fail(str(err))
+    if json_out:
+        typer.echo(json.dumps(out.public()))  # one line: the last line of a job's log
+    else:
+        typer.echo(out.summary())
+    sys.stdout.flush()
+    raise typer.Exit(out.exit_code)
