@@ -95,12 +95,12 @@ def pareto_plot(path: str | Path, points: list[dict], front: list[dict], thresho
     kept = [p for p in ok if not p.get("forgotten")]
     if kept:
         ax.scatter([p["sscd"] for p in kept], [p["integrity"] for p in kept], marker="x", color="0.6",
-                   label="did not forget")
+                   label="did not forget (proxy score)")
     if forgot:
         ax.scatter([p["sscd"] for p in forgot], [p["integrity"] for p in forgot], color="tab:blue", alpha=0.6,
-                   label="forgot")
+                   label="forgot (proxy score)")
     if front:
-        ax.plot([p["sscd"] for p in front], [p["integrity"] for p in front], "-o", color="tab:red", label="Pareto front")
+        ax.plot([p["sscd"] for p in front], [p["integrity"] for p in front], "-o", color="tab:red", label="Pareto front (re-checked at full size)")
     if chosen:
         ax.scatter([chosen["sscd"]], [chosen["integrity"]], s=160, facecolors="none", edgecolors="black",
                    linewidths=1.5, label="chosen")
