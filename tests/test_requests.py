@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from ray_unlearn.requests import LeaseLost, Queue, RequestError, RequestNotFound
 from ray_unlearn.requests.cli import requests_app
 from ray_unlearn.storage import LocalStore, open_store
-from test_storage import BUCKET, moto_s3  # noqa: F401  (the module-scoped S3 server fixture)
+from conftest import BUCKET  # noqa: E402  (the moto_s3 S3 server fixture lives in conftest)
 
 
 class Clock:

@@ -43,5 +43,5 @@ def test_bad_spaces_fail_with_the_key_named(tmp_path, body, message):
 
 
 def test_unknown_space_lists_the_shipped_ones():
-    with pytest.raises(ConfigError, match="shipped: erasediff, neggrad, siss, surrogate"):
+    with pytest.raises(ConfigError, match="shipped: demo, erasediff, neggrad, siss, surrogate"):
         load_space("magic")
