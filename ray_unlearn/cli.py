@@ -18,6 +18,8 @@ app = typer.Typer(
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file.")]
 SetOpt = Annotated[list[str], typer.Option("--set", "-s", help="Override a config key: train.lr=1e-4 (repeatable).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON (for scripts).")]
+TargetOpt = Annotated[list[Path], typer.Option("--target", help="Image file of an output to forget (repeatable).")]
+TargetSeedOpt = Annotated[list[int], typer.Option("--target-seed", help="Forget the base model's output for this seed (repeatable).")]
 
 
 def _fail(msg: str) -> None:
@@ -70,8 +72,8 @@ def _summary(report: dict) -> str:
 def unlearn(
     config: ConfigOpt = None,
     set_: SetOpt = [],  # noqa: B006 - typer needs a literal default
-    target: Annotated[list[Path], typer.Option("--target", help="Image file of an output to forget (repeatable).")] = [],  # noqa: B006
-    target_seed: Annotated[list[int], typer.Option("--target-seed", help="Forget the base model's output for this seed (repeatable).")] = [],  # noqa: B006
+    target: TargetOpt = [],  # noqa: B006
+    target_seed: TargetSeedOpt = [],  # noqa: B006
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="surrogate | neggrad | erasediff | siss")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("runs/unlearn"),
@@ -163,8 +165,8 @@ def _train_runtime_env() -> dict | None:
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = [],  # noqa: B006
-    target: Annotated[list[Path], typer.Option("--target", help="Image file of an output to forget (repeatable).")] = [],  # noqa: B006
-    target_seed: Annotated[list[int], typer.Option("--target-seed", help="Forget the base model's output for this seed (repeatable).")] = [],  # noqa: B006
+    target: TargetOpt = [],  # noqa: B006
+    target_seed: TargetSeedOpt = [],  # noqa: B006
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="surrogate | neggrad | erasediff | siss")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray Train workers (one per GPU).")] = 1,
@@ -295,8 +297,8 @@ def _print_search(summary: dict) -> None:
 def search(
     config: ConfigOpt = None,
     set_: SetOpt = [],  # noqa: B006
-    target: Annotated[list[Path], typer.Option("--target", help="Image file of an output to forget (repeatable).")] = [],  # noqa: B006
-    target_seed: Annotated[list[int], typer.Option("--target-seed", help="Forget the base model's output for this seed (repeatable).")] = [],  # noqa: B006
+    target: TargetOpt = [],  # noqa: B006
+    target_seed: TargetSeedOpt = [],  # noqa: B006
     space: Annotated[str, typer.Option("--space", help="A search_spaces/ name (surrogate, neggrad, erasediff, siss, demo) or a YAML file.")] = "surrogate",
     trials: Annotated[int, typer.Option("--trials", min=1, help="Trials to run.")] = 16,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray Train workers per trial (one per GPU).")] = 1,
