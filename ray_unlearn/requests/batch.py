@@ -28,7 +28,7 @@ from ray_unlearn.requests.evidence import (
 from ray_unlearn.requests.images import normalise_image
 from ray_unlearn.requests.lineage import parent_key
 from ray_unlearn.requests.models import LeaseLost, RequestError, RequestRecord
-from ray_unlearn.requests.process import BatchAborted, Outcome, _now
+from ray_unlearn.requests.process import REQUESTS_EXPERIMENT, BatchAborted, Outcome, _now
 from ray_unlearn.storage import NotFoundError, StorageError
 
 
@@ -121,7 +121,7 @@ class Batch:
     def _start_run(self) -> None:
         from ray_unlearn.platform.tracking import Tracker
 
-        self.tracker = Tracker(self.p.tracking_uri, experiment="ray-unlearn-requests")
+        self.tracker = Tracker(self.p.tracking_uri, experiment=REQUESTS_EXPERIMENT)
         params = {**self.cfg.model_dump(mode="json", exclude={"targets", "cache_dir"}),
                   "batch": {"id": self.id, "parent": self.parent, "limit": self.p.limit, "retention": self.p.retention}}
         self.run_id = self.tracker.start_run(self.id, params=params, tags={

@@ -168,11 +168,12 @@ def process(
     version, verify each (and every earlier one), check integrity against the base model, then
     register one new version and move the alias. Exit status 3: some requests went back to pending."""
     import sys
+    from datetime import datetime
 
     from ray_unlearn.requests.process import run_batch
 
-    def log(msg: str) -> None:
-        typer.echo(_safe(msg), err=json_out)
+    def log(msg: str) -> None:  # timestamped: these lines end up in cron and job logs
+        typer.echo(f"{datetime.now():%H:%M:%S} {_safe(msg)}", err=json_out)
 
     with _errors():
         from ray_unlearn.config import ConfigError
