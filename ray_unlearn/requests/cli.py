@@ -20,7 +20,7 @@ requests_app = typer.Typer(
 )
 
 StoreOpt = Annotated[Optional[str], typer.Option(
-    "--store", help=f"Store URI: a folder or s3://bucket/prefix [default: $RAY_UNLEARN_STORE or {DEFAULT_STORE}]",
+    "--store", help=f"Store URI: a folder or s3://bucket/prefix (default: $RAY_UNLEARN_STORE or {DEFAULT_STORE})",
     show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
 
@@ -147,13 +147,13 @@ def purge_image(request_id: Annotated[str, typer.Argument(metavar="ID")], store:
 @requests_app.command()
 def process(
     limit: Annotated[int, typer.Option("--limit", "-n", help="Requests to claim for this batch (1-300).")] = 8,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config [default: the serving "
-                      "version's stored settings, else the built-in defaults].")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: the serving "
+                      "version's stored settings, else the built-in defaults).")] = None,
     set_: Annotated[list[str], typer.Option("--set", "-s", help="Override a config key: train.lr=1e-4 (repeatable).")] = [],  # noqa: B006
     store: StoreOpt = None,
     tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking/registry URI "
-                            "[default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db].", show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Registered model name [default: ray-unlearn-hotfix].",
+                            "(default: $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Registered model name (default: ray-unlearn-hotfix).",
                      show_default=False)] = None,
     retention: Annotated[str, typer.Option("--retention", help="delete: purge a request's image once it is done "
                          "(its evidence stays); keep: keep it.")] = "delete",
