@@ -249,7 +249,8 @@ def test_batch_applies_good_requests_fails_bad_ones_and_keeps_evidence(tiny_mode
     assert e["content_sha256"] == rec.content_sha256 and e["seed"] == 11 and e["versions"] == {
         "parent": "base", "new": 1, "base_model": str(tiny_model_dir), "model_name": name}
     assert e["threshold"] == {"value": 0.999, "kind": "fixed", "source": "paper V-A (SSCD < 0.4)"}
-    assert 0 < e["sscd_base"] <= 1 and e["sscd_new"] < 0.999 and e["integrity"]["n"] == 2
+    assert 0 < e["sscd_base"] <= 1 and e["sscd_new"] < 0.999
+    assert e["integrity"]["n"] == 2 and e["integrity"]["min"] == 0.0 and e["integrity"]["ssim"] > 0.9
     assert set(e["times"]) >= {"claimed_at", "started_at", "verified_at", "completed_at"}
     assert decode_descriptor(e["descriptor"]).shape == (512,)
     assert q.get(corrupt).image_key is not None  # a failed request keeps its image for the operator
@@ -291,6 +292,26 @@ def test_a_lost_lease_stops_the_batch_and_ships_nothing(tiny_model_dir, tmp_path
     q = Queue(open_store(store))
     assert q.get(ids[0]).state == "pending" and q.get(ids[1]).state == "invalid"
     assert registry(uri, name).versions() == [] and not (store / "lineage").exists()
+
+
+def test_two_batches_on_an_s3_store_load_the_serving_hotfix_from_s3(moto_s3, tiny_model_dir, tmp_path):
+    import uuid
+
+    from conftest import BUCKET
+
+    store, uri, name = f"s3://{BUCKET}/batches-{uuid.uuid4().hex[:8]}", f"sqlite:///{tmp_path}/mlflow.db", "s3"
+    cfg = tiny_config(tiny_model_dir, tmp_path)
+    first = submit(store, [71, 72])
+    out, lines = _process(store, cfg, uri, name)
+    v1 = registry(uri, name).serving()
+    assert out.status == "promoted" and v1.source == f"{store}/hotfixes/{out.batch}", lines
+    later = submit(store, [73])
+    out2, lines2 = _process(store, cfg, uri, name)
+    assert out2.version == 2 and any(f"version 1 ({v1.source})" in line for line in lines2), lines2
+    assert {r["id"] for r in out2.reverified if r["forgotten"]} == {*first, *later}
+    assert list((tmp_path / "cache" / "models").iterdir())  # version 1, downloaded once by materialize
+    q = Queue(open_store(store))
+    assert all(q.get(rid).state == "done" and q.get(rid).image_key is None for rid in [*first, *later])
 
 
 class Crash(BaseException):

@@ -70,15 +70,25 @@ class Batch:
         self.bound = ev.ARTIFACT_FACTOR * self.reference_hf
 
     def _earlier_checks(self) -> list[Check]:
+        """Everything the serving model must keep forgotten: the done requests, and the requests
+        of committed batches along the lineage that are not completed yet (their processor died
+        after the commit; they will be completed from the manifest, so they must not regress)."""
+        evidence: dict[str, dict] = {}
+        for v in self.p.lineage.chain():
+            batch = v.tags.get("batch")
+            if batch:
+                evidence.update(self.p.lineage.manifest(batch)["evidence"])
+        records = {rec.id: rec for rec in self.p.queue.list("done")}
+        evidence.update({rid: rec.evidence for rid, rec in records.items()})
         checks = []
-        for rec in self.p.queue.list("done"):
-            image = None
-            if rec.seed is None and rec.image_key is not None:
-                try:
-                    image = self.family.prepare_images(_picture(self.p.queue.read_image(rec.id))[None])[0].cpu()
+        for rid, ev_ in sorted(evidence.items()):
+            image, rec = None, records.get(rid)
+            if ev_.get("seed") is None and (rec is None or rec.image_key is not None):
+                try:  # a seedless request is judged from its picture while the picture is kept
+                    image = self.family.prepare_images(_picture(self.p.queue.read_image(rid))[None])[0].cpu()
                 except (RequestError, NotFoundError, OSError):
                     image = None
-            c = check_from_evidence(rec.id, rec.evidence, image)
+            c = check_from_evidence(rid, ev_, image)
             if c is not None:
                 checks.append(c)
         return checks
@@ -273,7 +283,7 @@ class Batch:
                             base_model=cfg.model.path, config_uri=store.uri(config_key),
                             manifest=store.uri(p.lineage.manifest_key(self.id)),
                             reverified=f"{n_ok}/{len(rows)}")
-        integrity = {k: figures.get(k) for k in ("ssim", "lpips", "fid", "n", "min_ssim")}
+        integrity = {**{k: figures.get(k) for k in ("ssim", "lpips", "fid", "n")}, "min": figures["min_ssim"]}
         evidence = {}
         for rec, e in self.passed:
             final = next(r for r in rows if r["id"] == rec.id)
