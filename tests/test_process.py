@@ -441,7 +441,7 @@ def _run_child(ctx, argv, log_path: Path, kill_after: float | None = None,
             if log_path.exists() and marker in log_path.read_text():
                 time.sleep(extra)
                 break
-            p.join(0.02)
+            p.join(0.01)
     else:
         p.join(kill_after)
     killed = p.is_alive()
@@ -487,11 +487,12 @@ def test_sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice(forks
                 submitted += 2
             # a random moment of the run, or a random moment just after a random step (the commit
             # steps take a small share of a run's time: pure timing would rarely hit them)
+            marker = rng.choice(MILESTONES)  # the commit steps are tens of ms apart (with `stretch`)
             when = {"kill_after": full * rng.uniform(0.02, 1.0)} if rng.random() < 0.4 else \
-                {"kill_at": (rng.choice(MILESTONES), rng.uniform(0.0, 0.15))}
+                {"kill_at": (marker, rng.uniform(0.0, 0.06 if marker.startswith("commit") else 0.3))}
             log = tmp_path / f"ep{episodes}-{i}.log"
             t = time.perf_counter()
-            code, killed = _run_child(forkserver, [*argv, "--lease-seconds", "2"], log, stretch=0.03, **when)
+            code, killed = _run_child(forkserver, [*argv, "--lease-seconds", "2"], log, stretch=0.05, **when)
             if killed:
                 kills += 1
                 phase = _phase(log.read_text() if log.exists() else "")  # killed before its first line
