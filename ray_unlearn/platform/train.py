@@ -16,6 +16,8 @@ Ray Train V2 (the default in Ray 2.60) rules this module relies on:
 - `ray.train.get_checkpoint()` returns the latest reported checkpoint when the worker group is
   restarted after a failure (`FailureConfig(max_failures)`), or when a run with the same name
   and storage path is started again.
+- The controller takes one report per worker per poll (`RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`,
+  2 s): a report blocks until the previous one was taken, so workers report at checkpoints only.
 """
 
 from __future__ import annotations
@@ -195,9 +197,12 @@ def train_loop_per_worker(config: dict) -> dict | None:
     history: list[dict] = []
 
     def on_step(loop, logs: dict, step: int) -> None:
-        metrics = {**logs, "step": step, "resumed_from_step": start_step}
+        # Every step goes into the history (history.json, MLflow per-step metrics); Ray hears only
+        # at checkpoints: the controller takes one report per poll (every 2 s), so a report per
+        # step would hold a 0.5 s step to 2 s.
         history.append({"step": step, **logs})
         if step % every == 0 and step < steps:
+            metrics = {**logs, "step": step, "resumed_from_step": start_step}
             rngs = _gather(loop.gen.get_state(), world)  # collective: every rank takes part
             if rank == 0:
                 with tempfile.TemporaryDirectory() as d:
@@ -205,8 +210,6 @@ def train_loop_per_worker(config: dict) -> dict | None:
                     ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
             else:
                 ray.train.report(metrics, checkpoint=None)
-        else:
-            ray.train.report(metrics, checkpoint=None)
         _maybe_fail(config, rank, step)
 
     t_train = time.perf_counter()
