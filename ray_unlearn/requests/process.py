@@ -294,9 +294,6 @@ def stored_config(processor: Processor, serving) -> dict | None:
     return None
 
 
-
-
-
 def run_batch(*, store: str, gpu: bool = False, log=print, **options) -> Outcome:
     """One batch, in this process or (gpu=True) as a Ray task that holds one GPU."""
     if not gpu:
