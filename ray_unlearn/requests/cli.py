@@ -164,9 +164,11 @@ def process(
                    "(RAY_ADDRESS or a local Ray) instead of in this process.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Process a batch: unlearn the oldest pending requests one after another on top of the serving
-    version, verify each (and every earlier one), check integrity against the base model, then
-    register one new version and move the alias. Exit status 3: some requests went back to pending."""
+    """Process a batch: the oldest pending requests, one after another, into one new version.
+
+    Starts from the serving version, verifies each request (and every earlier one), checks integrity
+    against the base model, then registers the version and moves the alias. Exit status 3: some
+    requests went back to pending."""
     import sys
     from datetime import datetime
 
