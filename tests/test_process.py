@@ -274,6 +274,41 @@ def test_batch_applies_good_requests_fails_bad_ones_and_keeps_evidence(tiny_mode
     assert e["descriptor"]["b64"] not in shown.output
 
 
+def test_a_rolled_back_request_leaves_the_committed_figures_those_of_the_shipped_hotfix(tiny_model_dir, tmp_path,
+                                                                                       monkeypatch):
+    """The commit reuses the integrity samples of the last passed request: valid only if a request
+    that is rolled back restores exactly those weights. Checked against a fresh load of the hotfix."""
+    from ray_unlearn import engine
+    from ray_unlearn import evaluate as ev
+    from ray_unlearn.config import load_config
+    from ray_unlearn.requests import batch
+
+    store, uri, name = tmp_path / "store", f"sqlite:///{tmp_path}/mlflow.db", "rollback"
+    ids = submit(store, [81, 82])
+    real, calls = batch.regressions, []
+
+    def second_regresses(rows):  # the second request "brings back" an earlier one: rolled back
+        calls.append(1)
+        return [{"id": ids[0], "sscd": 0.99, "threshold": 0.5}] if len(calls) == 2 else real(rows)
+
+    monkeypatch.setattr(batch, "regressions", second_regresses)
+    cfg_path = tiny_config(tiny_model_dir, tmp_path)
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["train"].update(lr=1e-2, steps=4)  # steps big enough to move the weights visibly
+    cfg_path.write_text(yaml.safe_dump(raw))
+    out, lines = _process(store, cfg_path, uri, name)
+    results = {r["id"]: r["result"] for r in out.requests}
+    assert out.status == "promoted" and results == {ids[0]: "done", ids[1]: "returned"}, lines
+    cfg = load_config(cfg_path)
+    base = engine.load_family(cfg, lora=False)
+    shipped = engine.load_family(cfg, model_path=registry(uri, name).serving().source)
+    seeds = ev.integrity_seeds(cfg.eval)
+    ssim = engine.build_metrics(cfg, base.device).ssim(base.generate(base.initial_noise(seeds)),
+                                                       shipped.generate(shipped.initial_noise(seeds))).mean()
+    assert out.integrity["ssim"] == pytest.approx(float(ssim), abs=1e-4)
+    assert out.integrity["ssim"] < 0.9999  # the hotfix did change the model: the comparison means something
+
+
 def test_a_lost_lease_stops_the_batch_and_ships_nothing(tiny_model_dir, tmp_path, monkeypatch):
     from ray_unlearn import engine
 
@@ -573,6 +608,7 @@ def test_gpu_option_runs_the_batch_as_one_ray_task_holding_a_gpu(tiny_model_dir,
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert out.status == "promoted" and [r["id"] for r in out.requests] == ids
     assert out.holder.split("-")[-2] != str(os.getpid())  # it ran in the Ray worker, not here
+    assert out.gpus == ["0"]  # holding the cluster's one (logical) GPU
     assert assert_consistent(store, uri, name)["versions"] == 1
 
 

@@ -240,6 +240,9 @@ class Batch:
         }
         self.passed.append((rec, evidence))
         self.checks.append(check)
+        # the weights now are the batch's final ones unless a later request passes (a failing one
+        # is rolled back to exactly these): the commit's integrity figures reuse these samples
+        self.integrity_last = integrity_new
 
     def _settings(self) -> dict:
         c = self.cfg
@@ -250,7 +253,7 @@ class Batch:
     def _commit(self, elapsed: float) -> None:
         p, fam, cfg = self.p, self.family, self.cfg
         self.keeper.check()
-        integrity_new = fam.generate(fam.initial_noise(self.seeds))
+        integrity_new = self.integrity_last  # the final weights' samples, taken by the last passed request
         figures = ev.integrity_figures(self.metrics, self.integrity_base, integrity_new, fid=cfg.eval.fid)
         figures.update(min_ssim=cfg.eval.min_integrity_ssim)
         figures["ok"] = figures["ssim"] is not None and figures["ssim"] >= cfg.eval.min_integrity_ssim

@@ -63,6 +63,7 @@ class Outcome:
     reverified: list[dict] = field(default_factory=list)
     integrity: dict | None = None
     wall_seconds: float = 0.0
+    gpus: list = field(default_factory=list)  # the GPU ids Ray gave the batch (--gpu); [] in-process
 
     @property
     def exit_code(self) -> int:
@@ -307,4 +308,8 @@ def run_batch(*, store: str, gpu: bool = False, log=print, **options) -> Outcome
 
 
 def _remote_batch(store: str, options: dict) -> Outcome:
-    return Processor(store, log=lambda msg: print(msg, flush=True), **options).run()
+    import ray
+
+    out = Processor(store, log=lambda msg: print(msg, flush=True), **options).run()
+    out.gpus = [str(g) for g in ray.get_gpu_ids()]  # evidence of where it ran
+    return out
