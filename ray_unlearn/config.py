@@ -2,7 +2,7 @@
 
 YAML gives values, `--set a.b=value` overrides them; an unknown key or a bad value is a clear error
 naming what is allowed (pydantic, ``extra="forbid"``). Defaults that come from a paper cite it; the
-ones chosen from METHOD.md's small trial say so (see "What a quick trial ... showed").
+ones chosen from docs/method.md's small trial say so (see "What a quick trial ... showed").
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class SurrogateConfig(_Strict):
         "denoise with the base model), 'flip' (horizontal), 'noise' (Gaussian, sigma), 'provided' "
         "(an image file the user edited).",
     )
-    # 0.8: METHOD.md's surgery trial used 0.8; on the demo model (lr 3e-5, 60 steps) 0.8 gave
+    # 0.8: docs/method.md's surgery trial used 0.8; on the demo model (lr 3e-5, 60 steps) 0.8 gave
     # target SSCD 0.53 / integrity SSIM 0.80 / FID 57 against 0.52 / 0.72 / 69 at 0.6.
     strength: float = Field(0.8, ge=0.0, le=1.0, description="SDEdit editing strength in [0,1].")
     sigma: float = Field(0.3, gt=0.0, description="Std of the Gaussian for kind='noise' (image in [0,1]).")
@@ -102,13 +102,13 @@ class RememberConfig(_Strict):
         "'folder': a folder of images (e.g. training data).",
     )
     folder: str | None = Field(None, description="Folder of images for source='folder'.")
-    # 32 base samples: METHOD.md trial.
+    # 32 base samples: docs/method.md trial.
     n: int = Field(32, ge=1, description="Number of base-model samples for source='samples'.")
     seed_offset: int = Field(1_000_000, description="Seeds of the remember samples start here.")
 
 
 class TrainConfig(_Strict):
-    # 60 steps, batch 4+4, AdamW: METHOD.md trial (the paper: 240 steps, batch 8 on CelebA-HQ 256).
+    # 60 steps, batch 4+4, AdamW: docs/method.md trial (the paper: 240 steps, batch 8 on CelebA-HQ 256).
     # lr 3e-5, not the trial's 3e-4: on the shipped demo model (strength 0.6) 3e-4 forgot seed 7
     # (SSCD 0.46) but blurred every output (integrity SSIM 0.45); 1e-4 gave 0.50 / 0.57; 3e-5 gave
     # 0.52 / 0.72 (0.53 / 0.80 at strength 0.8); calibrated threshold 0.63. One target, one seed:
@@ -137,7 +137,7 @@ class SurrogateMethodConfig(_Strict):
         description="'beta': lambda_t = (t/T)^beta (paper IV-A, reconstruction); 'constant': "
         "lambda_t = lam (the paper's ablation, Table III).",
     )
-    # beta 2: METHOD.md trial (beta 2-3 tamed the small-t blow-up of eps_s; beta 1 made artifacts).
+    # beta 2: docs/method.md trial (beta 2-3 tamed the small-t blow-up of eps_s; beta 1 made artifacts).
     beta: float = Field(2.0, ge=0.0, description="Exponent of the timestep weight.")
     lam: float = Field(0.5, ge=0.0, le=1.0, description="Constant forget weight for weighting='constant'.")
     surgery: Literal["none", "project_forget", "pcgrad"] = Field(
@@ -154,7 +154,7 @@ class NegGradConfig(_Strict):
     """NegGrad (Golatkar et al. 2020): L = L_r - alpha * L_f."""
 
     name: Literal["neggrad"] = "neggrad"
-    # alpha 1: the plain form L_r - L_f of METHOD.md's baseline list (Golatkar et al. 2020).
+    # alpha 1: the plain form L_r - L_f of docs/method.md's baseline list (Golatkar et al. 2020).
     forget_weight: float = Field(1.0, gt=0.0, description="alpha, weight of the ascended forget loss.")
 
 
@@ -166,7 +166,7 @@ class EraseDiffConfig(_Strict):
     # EraseDiff's code, which this project has not read). Tune searches K and eta.
     inner_steps: int = Field(1, ge=1, description="K inner SGD steps on the forget loss.")
     inner_lr: float = Field(1e-4, gt=0.0, description="Step size of the inner steps.")
-    # eta 0.1: project choice; lam form from METHOD.md (reconstruction).
+    # eta 0.1: project choice; lam form from docs/method.md (reconstruction).
     eta: float = Field(0.1, ge=0.0, description="lam = max(eta - cos(g_r, g_q), 0) (reconstruction).")
     lam: float | None = Field(None, ge=0.0, description="Fixed lam instead of the adaptive one.")
 
@@ -175,7 +175,7 @@ class SISSConfig(_Strict):
     """SISS (Alberti et al., ICLR 2025): importance-sampled mixture, one forward per step."""
 
     name: Literal["siss"] = "siss"
-    # lambda 0.5 (an even mixture) and s 1: METHOD.md's description of SISS; forget-gradient norm
+    # lambda 0.5 (an even mixture) and s 1: docs/method.md's description of SISS; forget-gradient norm
     # 10: project choice, not checked against SISS's code. All three are in search_spaces/siss.yaml.
     mix_lambda: float = Field(0.5, gt=0.0, lt=1.0, description="Mixture weight of the forget sample.")
     scale: float = Field(1.0, gt=0.0, description="s, weight of the subtracted forget term.")

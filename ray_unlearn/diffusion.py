@@ -1,6 +1,6 @@
 """Diffusion math shared by every method, on plain tensors (no model, no I/O).
 
-Notation follows METHOD.md: ab_t is the cumulative alpha product, x_t = sqrt(ab_t) x0 + sqrt(1-ab_t) eps.
+Notation follows docs/method.md: ab_t is the cumulative alpha product, x_t = sqrt(ab_t) x0 + sqrt(1-ab_t) eps.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def surrogate_eps(eps: torch.Tensor, x_f: torch.Tensor, x_s: torch.Tensor, alpha
     eps_s = (x_t^f - sqrt(ab) x_s) / sqrt(1-ab) = eps + sqrt(ab / (1-ab)) (x_f - x_s).
 
     The closed form is used instead of the division so that ab -> 1 stays finite as long as
-    ab < 1; note the factor sqrt(SNR_t) grows ~150x near t=0 on a cosine schedule (METHOD.md),
+    ab < 1; note the factor sqrt(SNR_t) grows ~150x near t=0 on a cosine schedule (docs/method.md),
     which is what the timestep weight has to tame."""
     ab = _bcast(alpha_bar, x_f)
     return eps + (ab / (1 - ab)).sqrt() * (x_f - x_s)
@@ -31,7 +31,7 @@ def surrogate_eps(eps: torch.Tensor, x_f: torch.Tensor, x_s: torch.Tensor, alpha
 
 def surrogate_velocity(x_t: torch.Tensor, z_s: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Rectified flow (x_t = (1-s) z0 + s eps, v = eps - z0): the velocity that points from the
-    surrogate's latents through x_t, v_s = (x_t - z_s) / s (METHOD.md, reconstruction)."""
+    surrogate's latents through x_t, v_s = (x_t - z_s) / s (docs/method.md, reconstruction)."""
     return (x_t - z_s) / _bcast(sigma, x_t)
 
 

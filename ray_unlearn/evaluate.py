@@ -1,10 +1,10 @@
-"""The evaluation protocol (METHOD.md "How the result is judged"), as numbers a report can hold.
+"""The evaluation protocol (docs/method.md "How the result is judged"), as numbers a report can hold.
 
 Per target: SSCD between the target and what the model now makes of it (from the target's own
 initial noise, or, for an image without one, by noising it to eval_strength*T and denoising),
 for base and unlearned models. Integrity: base vs unlearned from the same N unrelated initial
 noises: SSIM, LPIPS, FID. A target counts as forgotten only when its SSCD is below the threshold
-AND its new output is not artifact texture (METHOD.md's trap: a low SSCD bought with noise).
+AND its new output is not artifact texture (docs/method.md's trap: a low SSCD bought with noise).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ class DiffusionFamily(ABC):
     def surrogate_target(
         self, x_f: torch.Tensor, x_s: torch.Tensor, eps: torch.Tensor, t: torch.Tensor
     ) -> torch.Tensor:
-        """Target that makes noisy x_f denoise toward the surrogate x_s (METHOD.md forget loss)."""
+        """Target that makes noisy x_f denoise toward the surrogate x_s (docs/method.md forget loss)."""
 
     @abstractmethod
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor: ...

@@ -1,4 +1,4 @@
-"""EraseDiff (Wu et al. 2024, arXiv 2401.05779), first-order bilevel form (METHOD.md).
+"""EraseDiff (Wu et al. 2024, arXiv 2401.05779), first-order bilevel form (docs/method.md).
 
 Forget objective f: on noisy forget samples, predict uniform noise u ~ U[0,1) instead of eps.
 q(theta) = f(theta) - f(theta^K), theta^K = K inner SGD steps on f; outer step on

@@ -2,7 +2,7 @@
 q_lam(m | x, a) = (1 - lam) q(m | x) + lam q(m | a), importance-weighted remember and forget terms.
 
 Timesteps are sampled uniformly (SISS's public code draws t = 999 every step, which looks like a bug;
-METHOD.md). The forget gradient is rescaled to a fixed norm before it is subtracted.
+docs/method.md). The forget gradient is rescaled to a fixed norm before it is subtracted.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The paper's method ("Unlearning the Unpromptable", METHOD.md): surrogate forget loss, timestep
+"""The paper's method ("Unlearning the Unpromptable", docs/method.md): surrogate forget loss, timestep
 weighting lambda_t, gradient surgery on the forget gradient."""
 
 from __future__ import annotations
