@@ -90,6 +90,17 @@ def integrity_figures(metrics: Metrics, base: torch.Tensor, new: torch.Tensor, f
     }
 
 
+def target_verdict(below_threshold: bool, artifact: bool) -> tuple[bool, str | None]:
+    """The one rule for "forgotten" (reports, batches and re-verification all call it):
+    (forgotten, why not) for a target whose SSCD is / is not below the threshold and whose new
+    output is / is not artifact texture."""
+    if not below_threshold:
+        return False, "SSCD not below the threshold"
+    if artifact:
+        return False, "low SSCD, but the output is artifact texture"
+    return True, None
+
+
 def judge_targets(
     metrics: Metrics,
     targets: list[Target],
@@ -116,12 +127,9 @@ def judge_targets(
                 "below_threshold": below,
                 "artifact": artifact,
                 "hf_energy": round(float(hf[i]), 4),
-                "forgotten": below and not artifact,
-                "why": None
-                if below and not artifact
-                else ("SSCD not below the threshold" if not below else "low SSCD, but the output is artifact texture"),
             }
         )
+        rows[-1]["forgotten"], rows[-1]["why"] = target_verdict(below, artifact)
     return rows
 
 

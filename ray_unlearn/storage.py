@@ -21,6 +21,14 @@ from typing import Any
 
 _TMP = ".~tmp-"  # local temp files start with this; no key part may
 
+STORE_ENV = "RAY_UNLEARN_STORE"
+DEFAULT_STORE = "./ray_unlearn_store"
+
+
+def store_uri(explicit: str | Path | None = None) -> str:
+    """The store every command uses: the explicit option, else $RAY_UNLEARN_STORE, else ./ray_unlearn_store."""
+    return str(explicit or os.environ.get(STORE_ENV) or DEFAULT_STORE)
+
 
 class StorageError(RuntimeError):
     """The store could not be reached or answered something unusable."""
