@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ray_unlearn.storage import LocalStore, NotFoundError, StorageError, check_key, open_store
-from ray_unlearn.storage_s3 import S3Store
+from ray_unlearn.storage.s3 import S3Store
 
 from conftest import BUCKET  # noqa: E402  (the moto_s3 fixture lives in conftest)
 

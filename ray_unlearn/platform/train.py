@@ -40,7 +40,7 @@ from ray_unlearn.config import UnlearnConfig
 from ray_unlearn.engine import Reference, judge, prepare, train, write_outputs
 from ray_unlearn.evaluate import integrity_seeds
 from ray_unlearn.hashing import content_hash
-from ray_unlearn.storage import open_store
+from ray_unlearn.storage import open_store, s3_endpoint
 
 STATE_FILE = "loop_state.pt"
 
@@ -254,7 +254,7 @@ def ray_storage(storage: str, endpoint_url: str | None = None):
     pyarrow with the S3-compatible endpoint (MinIO, a test server) when one is configured."""
     if not storage.startswith("s3://"):
         return str(Path(storage.removeprefix("file://")).expanduser().resolve()), None
-    endpoint = endpoint_url or os.environ.get("RAY_UNLEARN_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint(endpoint_url)
     if not endpoint:
         return storage, None  # AWS itself: pyarrow resolves the region and credentials
     import pyarrow.fs

@@ -1,6 +1,4 @@
-"""Object storage: a local folder or an S3 bucket (AWS, MinIO, any S3-compatible store), one API.
-
-The S3 backend lives in `ray_unlearn.storage_s3`; `open_store` picks the backend from the URI.
+"""The store API every backend implements, key checks, errors, and the default store and endpoint.
 
 Keys are '/'-separated relative paths, checked before any file or network access so that a key
 built from outside input can never reach outside the store. Every write is atomic (a reader sees
@@ -10,11 +8,9 @@ create-if-not-exists: the request queue builds its locks on it, so it must hold 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
-import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -28,6 +24,15 @@ DEFAULT_STORE = "./ray_unlearn_store"
 def store_uri(explicit: str | Path | None = None) -> str:
     """The store every command uses: the explicit option, else $RAY_UNLEARN_STORE, else ./ray_unlearn_store."""
     return str(explicit or os.environ.get(STORE_ENV) or DEFAULT_STORE)
+
+
+ENDPOINT_ENV = ("RAY_UNLEARN_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+
+
+def s3_endpoint(explicit: str | None = None) -> str | None:
+    """The S3-compatible endpoint (MinIO, a test server): the explicit one, else
+    $RAY_UNLEARN_S3_ENDPOINT_URL, else $AWS_ENDPOINT_URL; None means AWS itself."""
+    return explicit or next((os.environ[e] for e in ENDPOINT_ENV if os.environ.get(e)), None)
 
 
 class StorageError(RuntimeError):
@@ -162,138 +167,3 @@ class Store(ABC):
 def _join(prefix: str, rest: str) -> str:
     prefix = prefix.strip("/")
     return f"{prefix}/{rest}" if prefix else rest
-
-
-class LocalStore(Store):
-    def __init__(self, root: str | Path):
-        self.root = Path(root).expanduser().resolve()
-
-    def uri(self, key: str = "") -> str:
-        # a plain absolute path: every tool (torch, diffusers, mlflow) accepts it
-        return str(self.root / check_key(key)) if key else str(self.root)
-
-    def _path(self, key: str) -> Path:
-        return self.root.joinpath(*key.split("/"))
-
-    def _write_temp(self, path: Path, data: bytes) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f"{_TMP}{path.name}-{uuid.uuid4().hex[:12]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # the queue is durable: survive a power cut, not only a kill
-        return tmp
-
-    def _put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        tmp = self._write_temp(path, data)
-        try:
-            os.replace(tmp, path)  # atomic: readers see the old file or the new one
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-    def _put_if_absent(self, key: str, data: bytes) -> bool:
-        path = self._path(key)
-        tmp = self._write_temp(path, data)
-        try:
-            # link() fails if the name exists, atomically, and the file is complete when it appears
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        except OSError as err:
-            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
-                raise
-            # no hard links here (some FUSE/SMB mounts): O_EXCL is still an atomic create, but a
-            # reader may see the file for an instant before its bytes are in
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            return True
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def _get(self, key: str) -> bytes:
-        try:
-            return self._path(key).read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise NotFoundError(key, self.uri()) from None
-
-    def _exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def _delete(self, key: str) -> None:
-        try:
-            self._path(key).unlink()
-        except (FileNotFoundError, NotADirectoryError):
-            pass
-
-    def _list(self, prefix: str) -> list[str]:
-        # walk only the folder the prefix points into, then filter by the string prefix
-        head = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        start = self._path(head) if head else self.root
-        if not start.is_dir():
-            return []
-        keys = []
-        for dirpath, _dirs, files in os.walk(start):
-            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
-            for name in files:
-                if name.startswith(_TMP):
-                    continue
-                key = name if rel_dir == "." else f"{rel_dir}/{name}"
-                if key.startswith(prefix):
-                    keys.append(key)
-        return keys
-
-
-def open_store(uri: str | Path, *, endpoint_url: str | None = None) -> Store:
-    """'s3://bucket/prefix' (endpoint from `endpoint_url`, $RAY_UNLEARN_S3_ENDPOINT_URL or
-    $AWS_ENDPOINT_URL), 'file:///path' or a plain local folder path."""
-    text = str(uri)
-    if text.startswith("s3://"):
-        bucket, _, prefix = text[5:].partition("/")
-        from ray_unlearn.storage_s3 import S3Store
-
-        return S3Store(bucket, prefix, endpoint_url=endpoint_url)
-    if "://" in text and not text.startswith("file://"):
-        raise ValueError(f"unsupported store URI {text!r}: use a local folder path or s3://bucket/prefix")
-    return LocalStore(text[7:] if text.startswith("file://") else text)
-
-
-def materialize(uri: str | Path, cache_root: str | Path) -> Path:
-    """A local directory holding the model at `uri`: a local path is returned as it is; an
-    's3://bucket/prefix' is downloaded once into `cache_root/<hash of the URI>/`.
-
-    The download goes to a temp folder that is renamed into place when complete, so a crash
-    never leaves a half-downloaded model that a later call would trust. The prefix is assumed
-    immutable (the batch processor writes each hotfix once, under its batch id).
-    """
-    import hashlib
-    import shutil
-
-    text = str(uri)
-    if not text.startswith("s3://"):
-        return Path(text[7:] if text.startswith("file://") else text)
-    root = Path(cache_root).expanduser()
-    dest = root / hashlib.sha256(text.rstrip("/").encode()).hexdigest()[:24]
-    if dest.is_dir():
-        return dest
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{_TMP}{dest.name}-{uuid.uuid4().hex[:12]}"
-    try:
-        if not open_store(text.rstrip("/")).download_dir("", tmp):
-            raise NotFoundError(text, "S3 (no objects under this prefix)")
-        try:
-            os.rename(tmp, dest)  # atomic; fails if another process finished first
-        except OSError:
-            if not dest.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest

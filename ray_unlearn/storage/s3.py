@@ -1,4 +1,4 @@
-"""The S3 backend of `ray_unlearn.storage` (AWS S3, MinIO, any S3-compatible store).
+"""A store in an S3 bucket (AWS S3, MinIO, any S3-compatible store).
 
 boto3 is imported on first use, so that a local store never needs the AWS SDK. Throttling and 5xx
 answers are retried by botocore (standard mode, 5 attempts, with backoff).
@@ -6,14 +6,11 @@ answers are retried by botocore (standard mode, 5 attempts, with backoff).
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
 
-from ray_unlearn.storage import NotFoundError, Store, StorageError, _join, check_key
-
-ENDPOINT_ENV = ("RAY_UNLEARN_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
+from ray_unlearn.storage.base import NotFoundError, Store, StorageError, _join, check_key, s3_endpoint
 _S3_RETRIES = {"max_attempts": 5, "mode": "standard"}
 
 
@@ -25,7 +22,7 @@ class S3Store(Store):
         self.prefix = prefix.strip("/")
         if self.prefix:
             check_key(self.prefix)
-        self.endpoint_url = endpoint_url or next((os.environ[e] for e in ENDPOINT_ENV if os.environ.get(e)), None)
+        self.endpoint_url = s3_endpoint(endpoint_url)
         self._client = client
         self._conditional_ok = False
         self._lock = threading.Lock()
