@@ -10,7 +10,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, SchedulerMixin, UNet2DModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    SchedulerMixin,
+    UNet2DModel,
+)
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -21,6 +28,8 @@ from ray_unlearn.families.base import DiffusionFamily
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_DIR = ASSETS / "demo-lfw32"
+# DDIM steps of the reference sampler (the paper evaluates with DDIM, 50 steps)
+REFERENCE_DDIM_STEPS = 50
 
 
 class ModelLoadError(RuntimeError):
@@ -157,26 +166,62 @@ class DDPMFamily(DiffusionFamily):
         shape = (self.channels, *self.size)
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
-    def _ddim(self) -> DDIMScheduler:
+    def _ddim(self, steps: int | None = None) -> DDIMScheduler:
         ddim = DDIMScheduler.from_config(self.scheduler.config)
-        ddim.set_timesteps(self.sampler.steps, device=self.device)
+        ddim.set_timesteps(steps or self.sampler.steps, device=self.device)
         return ddim
 
+    def _solver(self) -> SchedulerMixin:
+        """A fresh scheduler for one sampling batch (multistep solvers keep state between steps)."""
+        if self.sampler.kind == "ddim":
+            return self._ddim()
+        # DPM-Solver++ 2M; thresholding at sample_max_value 1 is the x0 clipping DDIM does with
+        # clip_sample (pixel-space models: diffusers recommends thresholding for DPM-Solver++)
+        clip = bool(self.scheduler.config.get("clip_sample", False))
+        solver = DPMSolverMultistepScheduler.from_config(
+            self.scheduler.config, algorithm_type=self.sampler.kind, solver_order=2,
+            thresholding=clip, sample_max_value=float(self.scheduler.config.get("clip_sample_range", 1.0)),
+        )
+        solver.set_timesteps(self.sampler.steps, device=self.device)
+        return solver
+
+    def _stochastic(self) -> bool:
+        return self.sampler.kind == "sde-dpmsolver++" or (self.sampler.kind == "ddim" and self.sampler.eta > 0)
+
     def _noise_generators(self, seeds: list[int]) -> list[torch.Generator] | None:
-        """Per-sample generators for DDIM's eta > 0 noise, so a sample never depends on its batch."""
-        if self.sampler.eta <= 0:
+        """Per-sample generators for the sampler's noise (DDIM eta > 0, SDE solvers), so a sample
+        never depends on its batch."""
+        if not self._stochastic():
             return None
         return [torch.Generator().manual_seed(int(s) & 0xFFFF_FFFF_FFFF) for s in seeds]
 
+    def sampling_model(self, model: nn.Module | None = None) -> nn.Module:
+        """The UNet to sample with: compiled once per module when `sampler.compile` is set."""
+        model = model or self.model
+        if not self.sampler.compile:
+            return model
+        cache = self.__dict__.setdefault("_compiled", {})
+        if id(model) not in cache:
+            cache[id(model)] = (model, torch.compile(model))
+        return cache[id(model)][1]
+
     @torch.no_grad()
-    def _denoise(self, x, timesteps, ddim: DDIMScheduler, model: nn.Module, gens) -> torch.Tensor:
+    def _denoise(self, x, timesteps, solver: SchedulerMixin, model: nn.Module, gens) -> torch.Tensor:
+        net = self.sampling_model(model)
         for t in timesteps:
-            eps = self.predict(x, t.expand(len(x)), model=model)
+            eps = self.predict(x, t.expand(len(x)), model=net)
             var = None
             if gens is not None:
                 var = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, x.dtype)
-            x = ddim.step(eps, t, x, eta=self.sampler.eta, variance_noise=var).prev_sample
+            if isinstance(solver, DDIMScheduler):
+                x = solver.step(eps, t, x, eta=self.sampler.eta, variance_noise=var).prev_sample
+            else:
+                x = solver.step(eps, t, x, variance_noise=var).prev_sample
         return x
+
+    def evaluations_per_image(self) -> int:
+        """Network evaluations one generated image costs with the configured sampler."""
+        return len(self._solver().timesteps)
 
     @torch.no_grad()
     def generate(self, noise, *, model=None, progress=None) -> torch.Tensor:
@@ -187,33 +232,39 @@ class DDPMFamily(DiffusionFamily):
         bs = self.sampler.batch_size
         chunks = range(0, len(noise), bs)
         for i in tqdm(chunks, desc=progress, disable=progress is None or len(chunks) == 0, leave=False):
-            ddim = self._ddim()
+            solver = self._solver()
             chunk = noise[i : i + bs]
-            # the eta noise of a sample is seeded by its initial noise: reproducible per sample
+            # the sampler noise of a sample is seeded by its initial noise: reproducible per sample
             gens = None
-            if self.sampler.eta > 0:
+            if self._stochastic():
                 gens = self._noise_generators([int(content_hash(n)[:12], 16) for n in chunk])
-            x = chunk.to(self.device) * ddim.init_noise_sigma
-            out.append(self.decode(self._denoise(x, ddim.timesteps, ddim, model, gens)).cpu())
+            x = chunk.to(self.device) * solver.init_noise_sigma
+            out.append(self.decode(self._denoise(x, solver.timesteps, solver, model, gens)).cpu())
         model.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.channels, *self.size)
 
     @torch.no_grad()
     def sdedit(self, images, strength, seed, model=None):
-        """SDEdit (Meng et al. 2022): noise to t0 = strength*T, denoise with DDIM from there."""
+        """SDEdit (Meng et al. 2022): noise to t0 = strength*T, denoise with DDIM from there. Always
+        DDIM (it makes training data: surrogates), at sampler.steps, or at the reference
+        REFERENCE_DDIM_STEPS when a fast solver is configured for verification."""
         model = model or self.model
         x0 = self.encode(self.prepare_images(images))
         if strength <= 0:
             return self.decode(x0).cpu()
-        ddim = self._ddim()
-        n_keep = max(1, min(len(ddim.timesteps), round(self.sampler.steps * strength)))
+        steps = self.sampler.steps if self.sampler.kind == "ddim" else REFERENCE_DDIM_STEPS
+        ddim = self._ddim(steps)
+        n_keep = max(1, min(len(ddim.timesteps), round(steps * strength)))
         timesteps = ddim.timesteps[len(ddim.timesteps) - n_keep :]
         g = torch.Generator().manual_seed(int(seed))
         eps = torch.randn(x0.shape, generator=g).to(self.device)
         x = ddim.add_noise(x0, eps, timesteps[:1].expand(len(x0)))
         was_training = model.training
         model.eval()
-        out = self._denoise(x, timesteps, ddim, model, self._noise_generators([seed * 100_003 + i for i in range(len(x))]))
+        gens = None
+        if self.sampler.eta > 0:
+            gens = [torch.Generator().manual_seed(int(s) & 0xFFFF_FFFF_FFFF) for s in (seed * 100_003 + i for i in range(len(x)))]
+        out = self._denoise(x, timesteps, ddim, model, gens)
         model.train(was_training)
         return self.decode(out).cpu()
 
