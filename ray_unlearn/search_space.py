@@ -3,19 +3,21 @@
 A file names a method and maps dotted config keys to one distribution each:
     {loguniform: [low, high]} | {uniform: [low, high]} | {int: [low, high]} | {choice: [a, b, ...]}
 Every key must be a real config key and every value it can take must validate, so a typo fails
-here, with the file and key named, not in trial 7 of 16. Ray is imported only by `to_tune`.
+here, with the file and key named, not in trial 7 of 16. The shipped files live in the top-level
+`search_spaces/`, installed as the package `ray_unlearn.search_spaces`; the Ray Tune form of a space
+is built in the platform layer (`platform.search.to_tune`).
 """
 
 from __future__ import annotations
 
 import random
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
 from ray_unlearn.config import ConfigError, load_config
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 KINDS = ("loguniform", "uniform", "int", "choice")
 
 
@@ -39,26 +41,42 @@ def _corners(kind: str, args: list) -> list:
     return list(args) if kind == "choice" else [args[0], args[1]]
 
 
+def spaces_dir():
+    """The shipped search spaces: the installed package `ray_unlearn.search_spaces` (a wheel, or an
+    editable install that maps it to search_spaces/), else search_spaces/ beside the package (a
+    checkout on sys.path without an install, as a `ray job submit --working-dir .` job sees it)."""
+    try:
+        return resources.files("ray_unlearn.search_spaces")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "search_spaces"
+
+
+def shipped_spaces() -> list[str]:
+    return sorted(p.name[:-5] for p in spaces_dir().iterdir() if p.name.endswith(".yaml"))
+
+
 def load_space(path_or_name: str | Path) -> dict:
-    """{"method": name, "space": {key: (kind, args)}}; a bare name reads search_spaces/NAME.yaml."""
-    path = Path(path_or_name)
-    if not path.suffix:
-        path = SPACES_DIR / f"{path_or_name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
-        raise ConfigError(f"search space not found: {path} (shipped: {known})")
-    data = yaml.safe_load(path.read_text()) or {}
-    if set(data) - {"method", "space"} or "space" not in data:
-        raise ConfigError(f"{path}: expected top-level keys 'method' and 'space'")
+    """{"method": name, "space": {key: (kind, args)}}; a shipped name (`surrogate`) or a YAML file path."""
+    text = str(path_or_name)
+    if not Path(text).suffix and text in shipped_spaces():
+        where, source = f"{text}.yaml", spaces_dir().joinpath(f"{text}.yaml").read_text()
+    elif Path(text).is_file():
+        where, source = text, Path(text).read_text()
+    else:
+        raise ConfigError(f"search space not found: {text!r} is neither a YAML file nor a shipped space "
+                          f"(shipped: {', '.join(shipped_spaces())})")
+    data = yaml.safe_load(source) or {}
+    if not isinstance(data, dict) or set(data) - {"method", "space"} or "space" not in data:
+        raise ConfigError(f"{where}: expected top-level keys 'method' and 'space'")
     method = data.get("method", "surrogate")
     space = {}
     for key, spec in (data["space"] or {}).items():
-        kind, args = _check_dist(f"{path.name}: {key}", spec)
+        kind, args = _check_dist(f"{Path(where).name}: {key}", spec)
         for value in _corners(kind, args):  # every edge of the range must make a valid config
             try:
                 load_config(None, [f"method.name={method}", f"{key}={value}"])
             except ConfigError as err:
-                raise ConfigError(f"{path.name}: {key}={value} is not a valid setting:\n{err}") from None
+                raise ConfigError(f"{Path(where).name}: {key}={value} is not a valid setting:\n{err}") from None
         space[key] = (kind, args)
     return {"method": method, "space": space}
 
@@ -78,12 +96,3 @@ def sample(space: dict, rng: random.Random) -> dict:
         else:
             out[key] = math.exp(rng.uniform(math.log(args[0]), math.log(args[1])))
     return out
-
-
-def to_tune(space: dict) -> dict:
-    """The same space as Ray Tune distributions."""
-    from ray import tune
-
-    make = {"loguniform": tune.loguniform, "uniform": tune.uniform,
-            "int": lambda lo, hi: tune.randint(int(lo), int(hi) + 1), "choice": lambda *a: tune.choice(list(a))}
-    return {key: make[kind](*args) for key, (kind, args) in space["space"].items()}

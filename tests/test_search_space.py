@@ -6,7 +6,8 @@ import pytest
 
 from ray_unlearn.config import ConfigError, load_config
 from ray_unlearn.methods import METHODS
-from ray_unlearn.search_space import load_space, sample, to_tune
+from ray_unlearn.platform.search import to_tune
+from ray_unlearn.search_space import load_space, sample
 
 
 @pytest.mark.parametrize("name", list(METHODS))

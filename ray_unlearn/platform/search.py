@@ -36,7 +36,7 @@ from ray_unlearn.engine import Reference, build_metrics, judge, load_family, pre
 from ray_unlearn.hashing import content_hash
 from ray_unlearn.platform.tracking import DEFAULT_MODEL_NAME, Registry, Tracker, redact_config, version_tags
 from ray_unlearn.platform.train import ray_storage, run_train
-from ray_unlearn.search_space import load_space, to_tune
+from ray_unlearn.search_space import load_space
 from ray_unlearn.storage import open_store
 from ray_unlearn.viz import pareto_plot
 
@@ -67,6 +67,13 @@ class SearchOptions:
 
 def _join(uri: str, *parts: str) -> str:
     return "/".join([uri.rstrip("/"), *parts])
+
+
+def to_tune(space: dict) -> dict:
+    """A loaded search space (`search_space.load_space`) as Ray Tune distributions."""
+    make = {"loguniform": tune.loguniform, "uniform": tune.uniform,
+            "int": lambda lo, hi: tune.randint(int(lo), int(hi) + 1), "choice": lambda *a: tune.choice(list(a))}
+    return {key: make[kind](*args) for key, (kind, args) in space["space"].items()}
 
 
 def search_name(cfg: UnlearnConfig, opts: SearchOptions, space: dict) -> str:
