@@ -63,6 +63,17 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def materialize(logs: dict) -> dict[str, float]:
+    """Logs as floats: values may be floats or 0-dim tensors (methods log detached tensors so a step
+    costs no host sync); all tensors come to the host in ONE transfer, once per report."""
+    keys = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in logs.items() if k not in keys}
+    if keys:
+        vals = torch.stack([logs[k].detach().reshape(()).float() for k in keys]).cpu().tolist()
+        out.update(zip(keys, vals))
+    return {k: out[k] for k in logs}
+
+
 def _add(acc: Grads | None, g: Grads) -> Grads:
     return list(g) if acc is None else [a + b for a, b in zip(acc, g)]
 
@@ -98,7 +109,7 @@ class UnlearnLoop:
     def step(self) -> dict:
         t0 = time.perf_counter()
         g_f = g_r = None
-        logs: dict[str, float] = {}
+        logs: dict = {}  # floats or 0-dim tensors; `materialize` makes them floats
         for _ in range(self.cfg.grad_accum):
             gf, gr, micro = self.method.gradients(self.batch(), self.gen, self.params)
             g_f, g_r = _add(g_f, gf), _add(g_r, gr)
@@ -112,7 +123,7 @@ class UnlearnLoop:
         for p, g in zip(self.params, grads):
             p.grad = g.to(p.dtype)
         if self.cfg.max_grad_norm is not None:
-            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm).detach()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
@@ -124,7 +135,7 @@ class UnlearnLoop:
         logs: dict = {}
         bar = tqdm(total=self.cfg.steps, initial=self.step_count, desc=f"unlearn ({self.method.name})", disable=not progress)
         while self.step_count < self.cfg.steps:
-            logs = self.step()
+            logs = materialize(self.step())  # the step's one host transfer
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.endswith("loss")})
             if report is not None:
