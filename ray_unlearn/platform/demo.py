@@ -14,7 +14,8 @@ from ray_unlearn.config import load_config
 from ray_unlearn.data import save_image
 from ray_unlearn.engine import load_family
 from ray_unlearn.platform.search import SearchOptions, init_ray, run_search
-from ray_unlearn.platform.tracking import PromotionRefused, Registry
+from ray_unlearn.platform.promotion import PromotionRefused
+from ray_unlearn.platform.registry import Registry
 from ray_unlearn.requests.queue import Queue
 from ray_unlearn.storage import open_store
 

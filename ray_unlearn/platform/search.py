@@ -34,7 +34,10 @@ from ray_unlearn import pareto
 from ray_unlearn.config import UnlearnConfig, load_config
 from ray_unlearn.engine import Reference, build_metrics, judge, load_family, prepare, reference_outputs
 from ray_unlearn.hashing import content_hash
-from ray_unlearn.platform.tracking import DEFAULT_MODEL_NAME, Registry, Tracker, redact_config, version_tags
+from ray_unlearn.platform.privacy import redact_config
+from ray_unlearn.platform.promotion import DEFAULT_MODEL_NAME, version_tags
+from ray_unlearn.platform.registry import Registry
+from ray_unlearn.platform.tracking import Tracker
 from ray_unlearn.platform.train import ray_storage, run_train
 from ray_unlearn.search_space import load_space
 from ray_unlearn.storage import open_store
