@@ -21,7 +21,7 @@ from ray_unlearn.families.base import DiffusionFamily
 from ray_unlearn.families.ddpm import DDPMFamily
 from ray_unlearn.loop import Report, UnlearnData, UnlearnLoop, autocast_dtype, resolve_device
 from ray_unlearn.methods import METHODS, build_method
-from ray_unlearn.metrics import Metrics, MetricsConfig
+from ray_unlearn.metrics import Metrics
 from ray_unlearn.surrogates import make_surrogates
 from ray_unlearn.viz import before_after_figure, integrity_grid
 
@@ -40,17 +40,7 @@ def load_family(cfg: UnlearnConfig, model_path: str | None = None, lora: bool = 
 
 
 def build_metrics(cfg: UnlearnConfig, device: torch.device | str = "cpu") -> Metrics:
-    m = cfg.eval.metrics
-    return Metrics(
-        MetricsConfig(
-            sscd_path=m.sscd_path,
-            lpips_net=m.lpips_net,
-            lpips_backbone_path=m.lpips_backbone_path,
-            fid_inception_path=m.fid_inception_path,
-            batch_size=m.batch_size,
-        ),
-        device=device,
-    )
+    return Metrics(cfg.eval.metrics, device=device)
 
 
 @dataclass
@@ -223,6 +213,7 @@ def write_outputs(prep: Prepared, out_dir: Path, result: dict, target_new, integ
         prep.integrity_base,
         integrity_new,
         title=f"{cfg.method.name}: forgotten={result['all_forgotten']}  integrity SSIM={result['integrity']['ssim']}",
+        specificity=result.get("specificity"),
     )
     grid = integrity_grid(out_dir / "integrity_grid.png", prep.integrity_base, integrity_new)
     samples = out_dir / "samples"

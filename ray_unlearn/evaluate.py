@@ -3,8 +3,13 @@
 Per target: SSCD between the target and what the model now makes of it (from the target's own
 initial noise, or, for an image without one, by noising it to eval_strength*T and denoising),
 for base and unlearned models. Integrity: base vs unlearned from the same N unrelated initial
-noises: SSIM, LPIPS, FID. A target counts as forgotten only when its SSCD is below the threshold
-AND its new output is not artifact texture (docs/method.md's trap: a low SSCD bought with noise).
+noises: SSIM, LPIPS, FID, and specificity: SSCD(base_i, hotfix_i) over the same pairs, i.e. how
+far every unrelated output moved, against which the target's own move is ranked. A target counts
+as forgotten only when its SSCD is below the threshold, its new output is not artifact texture
+(docs/method.md's trap: a low SSCD bought with noise) AND it moved clearly more than unrelated
+outputs did (`target_verdict`). The integrity gate refuses a hotfix whose SSIM is below its bound
+or whose collateral forgetting (the share of unrelated outputs pushed below the threshold) is
+above its bound (`integrity_gate`).
 """
 
 from __future__ import annotations
@@ -90,15 +95,104 @@ def integrity_figures(metrics: Metrics, base: torch.Tensor, new: torch.Tensor, f
     }
 
 
-def target_verdict(below_threshold: bool, artifact: bool) -> tuple[bool, str | None]:
+def unrelated_shift(metrics: Metrics, base: torch.Tensor, new: torch.Tensor,
+                    base_emb: torch.Tensor | None = None) -> torch.Tensor:
+    """SSCD(base_i, hotfix_i) for the integrity seeds: how far each unrelated output moved (1 =
+    unchanged). `base_emb`: the base samples' SSCD embeddings when already computed (a batch
+    embeds them once for all its requests)."""
+    if len(base) != len(new):
+        raise ValueError(f"{len(base)} base and {len(new)} unlearned integrity samples: they must pair up")
+    if base_emb is None:
+        base_emb = metrics.sscd_embed(base)
+    return (base_emb * metrics.sscd_embed(new)).sum(dim=1)
+
+
+def specificity_figures(cfg: EvalConfig, shift: torch.Tensor, threshold: float) -> dict:
+    """Summary of `unrelated_shift`: median, 10th percentile, minimum, the rule's bound (the
+    `cfg.specificity_percentile`-th percentile, numpy's linear interpolation) and collateral
+    forgetting: the share of unrelated outputs whose SSCD(base_i, hotfix_i) is below the forget
+    threshold, i.e. that the threshold alone would call forgotten."""
+    v = shift.double().cpu().numpy()
+    if len(v) < 2:
+        raise ValueError(f"specificity needs at least 2 unrelated pairs, got {len(v)}")
+    below = int((v < threshold).sum())
+    return {
+        "n": len(v),
+        "median": round(float(np.median(v)), 4),
+        "p10": round(float(np.percentile(v, 10)), 4),
+        "min": round(float(v.min()), 4),
+        "percentile": cfg.specificity_percentile,
+        "bound": round(float(np.percentile(v, cfg.specificity_percentile)), 4),
+        "threshold": round(float(threshold), 4),
+        "collateral": round(below / len(v), 4),
+        "collateral_count": below,
+        "max_collateral": cfg.max_collateral,
+        "values": [round(float(x), 4) for x in v],
+    }
+
+
+def target_specificity(sscd_base_hotfix: float, spec: dict | None) -> dict:
+    """The target's own SSCD(base, hotfix) ranked among the unrelated pairs' (`spec`:
+    `specificity_figures`; None = not measured): `rank` is the share of unrelated outputs that
+    moved at least as much (0: the target moved more than every one), `margin` the rule's bound
+    minus the target's value (> 0: specific)."""
+    x = round(float(sscd_base_hotfix), 4)  # the reported figures decide, so a reader can redo the verdict
+    out = {"sscd_base_hotfix": x, "rank": None, "margin": None, "specific": None}
+    if spec is not None:
+        v = np.asarray(spec["values"])
+        out["rank"] = round(float((v <= x).mean()), 4)
+        out["margin"] = round(spec["bound"] - x, 4)
+        out["specific"] = bool(x < spec["bound"])
+    return out
+
+
+def target_verdict(below_threshold: bool, artifact: bool, specific: bool | None = None) -> tuple[bool, str | None]:
     """The one rule for "forgotten" (reports, batches and re-verification all call it):
-    (forgotten, why not) for a target whose SSCD is / is not below the threshold and whose new
-    output is / is not artifact texture."""
+    (forgotten, why not). A target is forgotten when all three hold:
+
+    1. its SSCD against what the model now makes of it is below the forget threshold;
+    2. that new output is not artifact texture;
+    3. it is specific: the target's output moved clearly more than unrelated outputs did. Its
+       SSCD(base, hotfix) must be below the `eval.specificity_percentile`-th percentile (default
+       10) of SSCD(base_i, hotfix_i) over the integrity seeds, the same pairs SSIM uses, from the
+       same model: `target_specificity`'s `specific`.
+
+    Why a percentile of the unrelated pairs, not an absolute margin: at small resolutions SSCD
+    barely separates "the same face, slightly changed" from "a different face" (two distinct demo
+    faces score ~0.44), so only a comparison with how far everything else moved, on the same
+    model, at the same size, tells specific forgetting from global damage. It is a rank test: if
+    the hotfix changed every output alike, the target is just one more of them and lands below
+    the 10th percentile with probability ~0.1; it needs no calibration data beyond the integrity
+    samples every evaluation already makes. `specific=None` means "not measured" (no unrelated
+    outputs at hand, e.g. re-verifying an earlier request from its stored descriptor): the
+    verdict then rests on 1 and 2, and the row says so elsewhere (its `specific` is None)."""
     if not below_threshold:
         return False, "SSCD not below the threshold"
     if artifact:
         return False, "low SSCD, but the output is artifact texture"
+    if specific is False:
+        return False, "not specific: its output moved no more than unrelated outputs did"
     return True, None
+
+
+def integrity_gate(cfg: EvalConfig, integrity: dict, spec: dict | None) -> dict:
+    """The integrity gate, on `integrity_figures` plus `specificity_figures` (None: SSCD was
+    unavailable): mean SSIM at least `cfg.min_integrity_ssim` AND collateral forgetting at most
+    `cfg.max_collateral`. Sets min_ssim, collateral, max_collateral, ok and why (None when ok) on
+    `integrity` and returns it."""
+    why = []
+    if integrity.get("ssim") is None:
+        why.append("SSIM unavailable")
+    elif integrity["ssim"] < cfg.min_integrity_ssim:
+        why.append(f"SSIM {integrity['ssim']} below {cfg.min_integrity_ssim}")
+    collateral = None if spec is None else spec["collateral"]
+    if collateral is None:
+        why.append("collateral forgetting not measured (SSCD unavailable)")
+    elif collateral > cfg.max_collateral:
+        why.append(f"collateral forgetting {collateral:.1%} of unrelated outputs above {cfg.max_collateral:.1%}")
+    integrity.update(min_ssim=cfg.min_integrity_ssim, collateral=collateral, max_collateral=cfg.max_collateral,
+                     ok=not why, why="; ".join(why) or None)
+    return integrity
 
 
 def judge_targets(
@@ -108,10 +202,13 @@ def judge_targets(
     new_out: torch.Tensor,
     threshold: float,
     reference_hf: float,
+    spec: dict | None = None,
 ) -> list[dict]:
+    """One row per target; `spec` (`specificity_figures`) ranks each target's SSCD(base, hotfix)
+    among the unrelated outputs' (None: not measured)."""
     images = torch.stack([t.image for t in targets])
-    s_base = metrics.sscd(images, base_out)
-    s_new = metrics.sscd(images, new_out)
+    e_img, e_base, e_new = (metrics.sscd_embed(x) for x in (images, base_out, new_out))
+    s_base, s_new, s_shift = (e_img * e_base).sum(1), (e_img * e_new).sum(1), (e_base * e_new).sum(1)
     hf = high_frequency_energy(new_out)
     rows = []
     for i, t in enumerate(targets):
@@ -127,9 +224,10 @@ def judge_targets(
                 "below_threshold": below,
                 "artifact": artifact,
                 "hf_energy": round(float(hf[i]), 4),
+                **target_specificity(float(s_shift[i]), spec),
             }
         )
-        rows[-1]["forgotten"], rows[-1]["why"] = target_verdict(below, artifact)
+        rows[-1]["forgotten"], rows[-1]["why"] = target_verdict(below, artifact, rows[-1]["specific"])
     return rows
 
 
@@ -147,22 +245,25 @@ def evaluate_outputs(
     unavailable: dict[str, str] = {}
     threshold = _maybe(lambda: calibrate_threshold(cfg, metrics, reference), unavailable, "sscd")
     reference_hf = float(high_frequency_energy(integrity_base).max())
-    rows = None
+    rows = spec = None
     if threshold is not None:
+        shift = _maybe(lambda: unrelated_shift(metrics, integrity_base, integrity_new), unavailable, "sscd")
+        spec = None if shift is None else specificity_figures(cfg, shift, threshold["value"])
         rows = _maybe(
-            lambda: judge_targets(metrics, targets, target_base_out, target_new_out, threshold["value"], reference_hf),
+            lambda: judge_targets(metrics, targets, target_base_out, target_new_out, threshold["value"], reference_hf,
+                                  spec),
             unavailable,
             "sscd",
         )
     integrity = integrity_figures(metrics, integrity_base, integrity_new, fid=cfg.fid)
     integrity["unavailable"].update(unavailable)
-    integrity["min_ssim"] = cfg.min_integrity_ssim
-    integrity["ok"] = integrity["ssim"] is not None and integrity["ssim"] >= cfg.min_integrity_ssim
+    integrity_gate(cfg, integrity, spec)
     forgotten = rows is not None and all(r["forgotten"] for r in rows)
     return {
         "targets": rows or [],
         "forget_threshold": threshold,
         "artifact_bound": round(ARTIFACT_FACTOR * reference_hf, 4),
+        "specificity": spec,
         "integrity": integrity,
         "all_forgotten": forgotten,
         "passed": forgotten and integrity["ok"],

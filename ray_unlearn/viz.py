@@ -34,13 +34,20 @@ def before_after_figure(
     integrity_new: torch.Tensor,
     title: str,
     n_integrity: int = 8,
+    specificity: dict | None = None,
 ) -> Path:
+    """Each target (the picture, its surrogate, base and unlearned outputs) above pairs of
+    integrity samples; beside the first target, `specificity_histogram` when measured."""
     n_t = len(targets)
     n_i = min(n_integrity, len(integrity_base))
-    cols = max(4, n_i)
+    cols = max(6 if specificity else 4, n_i)
     fig, axes = plt.subplots(n_t + 2, cols, figsize=(1.4 * cols, 1.55 * (n_t + 2)), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    if specificity:  # the free cells right of the first target's four panels, merged
+        for ax in axes[0, 4:]:
+            ax.remove()
+        specificity_histogram(fig.add_subplot(axes[1, 0].get_gridspec()[0, 4:]), specificity, rows)
     for i in range(n_t):
         row = rows[i] if i < len(rows) else {}
         ok = row.get("forgotten")
@@ -67,6 +74,25 @@ def before_after_figure(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def specificity_histogram(ax, spec: dict, rows: list[dict]) -> None:
+    """SSCD(base_i, hotfix_i) of the unrelated outputs (`evaluate.specificity_figures`), with each
+    target's own SSCD(base, hotfix), the specificity bound and the forget threshold marked."""
+    ax.hist(spec["values"], bins=min(16, max(4, len(spec["values"]) // 2)), range=(0, 1), color="0.7")
+    ax.axvline(spec["threshold"], color="tab:red", ls=":", lw=1, label="forget threshold")
+    ax.axvline(spec["bound"], color="tab:blue", ls="--", lw=1, label=f"p{spec['percentile']:g} (specific below)")
+    for r in rows:
+        if r.get("sscd_base_hotfix") is not None:
+            ax.axvline(r["sscd_base_hotfix"], color="black", lw=2)
+            ax.text(r["sscd_base_hotfix"], ax.get_ylim()[1] * 0.95, f" {r.get('id', 'target')}", fontsize=6,
+                    va="top", rotation=90)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("SSCD(base, hotfix) per seed", fontsize=7)
+    ax.tick_params(labelsize=6)
+    ax.set_title(f"{spec['n']} unrelated: median {spec['median']:.2f}, collateral {spec['collateral']:.0%}",
+                 fontsize=7)
+    ax.legend(fontsize=5, loc="upper left")
 
 
 def integrity_grid(path: str | Path, base: torch.Tensor, new: torch.Tensor, n: int = 16) -> Path:

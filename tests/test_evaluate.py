@@ -45,3 +45,55 @@ def test_artifacts_are_not_forgetting():
     assert "artifact" in by_id["t1"]["why"]
     assert res["integrity"]["ssim"] == 1.0 and res["integrity"]["ok"]  # identical integrity sets
     assert not res["all_forgotten"] and not res["passed"]
+
+
+def test_verdict_rule():
+    assert ev.target_verdict(True, False) == (True, None)  # specificity not measured: threshold + artifact
+    assert ev.target_verdict(True, False, True) == (True, None)
+    assert ev.target_verdict(False, False, True) == (False, "SSCD not below the threshold")
+    assert "artifact" in ev.target_verdict(True, True, True)[1]
+    forgotten, why = ev.target_verdict(True, False, False)
+    assert not forgotten and "not specific" in why
+
+
+def test_specificity_figures_rank_and_gate_on_hand_written_values():
+    cfg = EvalConfig(specificity_percentile=10, max_collateral=0.05, min_integrity_ssim=0.6)
+    shift = torch.arange(1, 11, dtype=torch.float64) / 10  # 0.1 .. 1.0
+    spec = ev.specificity_figures(cfg, shift, threshold=0.35)
+    assert spec["median"] == 0.55 and spec["min"] == 0.1
+    assert spec["p10"] == spec["bound"] == 0.19  # numpy linear interpolation: 0.1 + 0.9 * (0.2 - 0.1)
+    assert spec["collateral"] == 0.3 and spec["collateral_count"] == 3 and spec["n"] == 10
+    t = ev.target_specificity(0.15, spec)
+    assert t == {"sscd_base_hotfix": 0.15, "rank": 0.1, "margin": 0.04, "specific": True}
+    t = ev.target_specificity(0.19, spec)  # at the bound is not below it
+    assert t["specific"] is False and t["margin"] == 0 and t["rank"] == 0.1
+    assert ev.target_specificity(0.5, None)["specific"] is None  # not measured
+    gate = ev.integrity_gate(cfg, {"ssim": 0.9}, spec)
+    assert not gate["ok"] and "collateral forgetting 30.0%" in gate["why"]
+    gate = ev.integrity_gate(cfg, {"ssim": 0.9}, ev.specificity_figures(cfg, shift + 0.3, threshold=0.35))
+    assert gate["ok"] and gate["why"] is None and gate["collateral"] == 0.0
+    gate = ev.integrity_gate(cfg, {"ssim": 0.9}, None)
+    assert not gate["ok"] and "not measured" in gate["why"]
+
+
+def test_global_damage_is_not_specific_forgetting():
+    """The target falls below the threshold, but every unrelated output moved further: not
+    forgotten, and the gate refuses the collateral forgetting; the same target move with the
+    unrelated outputs untouched is forgotten."""
+    x = faces(12)
+    targets = [Target("t0", x[0], None, TargetSpec(seed=0))]
+    blurred = F.avg_pool2d(x[:1], 3, 1, 1)  # a mild change: SSCD ~0.5 at 32 px
+    damaged = (x[4:12] + 0.1 * torch.randn(8, 1, 32, 32, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    cfg = EvalConfig(threshold="fixed", fixed_threshold=0.95, n_integrity=8, min_integrity_ssim=0.0, fid=False)
+    res = ev.evaluate_outputs(cfg, Metrics(), targets, x[:1], blurred, x[4:12], damaged, x)
+    row, spec = res["targets"][0], res["specificity"]
+    assert row["below_threshold"] and not row["artifact"]
+    assert row["sscd_base_hotfix"] > spec["bound"] and row["specific"] is False and row["margin"] < 0
+    assert not row["forgotten"] and "not specific" in row["why"]
+    assert spec["collateral"] == 1.0 and not res["integrity"]["ok"] and "collateral" in res["integrity"]["why"]
+    assert not res["passed"] and len(spec["values"]) == 8
+
+    res = ev.evaluate_outputs(cfg, Metrics(), targets, x[:1], blurred, x[4:12], x[4:12], x)
+    row = res["targets"][0]
+    assert row["specific"] and row["rank"] == 0.0 and row["forgotten"]
+    assert res["specificity"]["collateral"] == 0.0 and res["integrity"]["ok"] and res["passed"]

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 from ray_unlearn.metrics import (
     Metrics,
-    MetricsConfig,
     MetricUnavailable,
     frechet_distance,
     sscd_similarity_matrix,
 )
+from ray_unlearn.config import MetricsSettings
 from ray_unlearn.metrics.resolve import FIDELITY_CACHE_FILE, has_module
 
 
@@ -67,7 +67,7 @@ def faces() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def metrics() -> Metrics:
-    return Metrics(MetricsConfig(batch_size=16))
+    return Metrics(MetricsSettings(batch_size=16))
 
 
 def _noised(x: torch.Tensor, sigma: float, seed: int = 0) -> torch.Tensor:
@@ -99,7 +99,7 @@ def test_sscd_copy_vs_distinct(metrics, faces):
 
 
 def test_sscd_accepts_non_square_and_batches(faces):
-    m = Metrics(MetricsConfig(batch_size=2))
+    m = Metrics(MetricsSettings(batch_size=2))
     x = F.interpolate(faces[:3], size=(32, 48), mode="bilinear", align_corners=False)
     assert m.sscd_embed(x).shape == (3, 512)
 
@@ -115,7 +115,7 @@ def test_sscd_torchscript_path_gets_imagenet_normalised_288(tmp_path, faces):
 
     path = tmp_path / "sscd_standin.torchscript.pt"
     torch.jit.script(StandIn()).save(str(path))
-    m = Metrics(MetricsConfig(sscd_path=str(path)))
+    m = Metrics(MetricsSettings(sscd_path=str(path)))
     grey = torch.full((2, 1, 32, 32), 0.5)
     e = m.sscd_embed(grey)
     assert e.shape == (2, 512) and torch.allclose(e.norm(dim=1), torch.ones(2))
@@ -127,7 +127,7 @@ def test_sscd_torchscript_path_gets_imagenet_normalised_288(tmp_path, faces):
 
 def test_sscd_missing_configured_file(tmp_path):
     missing = tmp_path / "nope.onnx"
-    m = Metrics(MetricsConfig(sscd_path=str(missing)))
+    m = Metrics(MetricsSettings(sscd_path=str(missing)))
     with pytest.raises(MetricUnavailable) as ei:
         m.sscd_embed(torch.zeros(1, 3, 32, 32))
     assert ei.value.metric == "sscd" and str(missing) in ei.value.reason and "sscd_path" in ei.value.fix
@@ -154,7 +154,7 @@ def test_inputs_outside_unit_range_rejected(metrics, faces):
 # ---- LPIPS --------------------------------------------------------------------------------------
 def test_lpips_unavailable_names_file_and_fix(empty_torch_home):
     for net, fname in [("alex", "alexnet-owt-7be5be79.pth"), ("vgg", "vgg16-397923af.pth")]:
-        m = Metrics(MetricsConfig(lpips_net=net))
+        m = Metrics(MetricsSettings(lpips_net=net))
         with pytest.raises(MetricUnavailable) as ei:
             m.lpips(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
         e = ei.value
@@ -181,7 +181,7 @@ def test_lpips_loads_backbone_from_torch_home(empty_torch_home, faces):
 def test_lpips_rejects_wrong_backbone_file(tmp_path):
     bad = tmp_path / "not_alexnet.pth"
     torch.save({"features.0.weight": torch.zeros(2, 2)}, bad)
-    m = Metrics(MetricsConfig(lpips_backbone_path=str(bad)))
+    m = Metrics(MetricsSettings(lpips_backbone_path=str(bad)))
     with pytest.raises(MetricUnavailable, match="alexnet-owt-7be5be79.pth"):
         m.lpips(torch.zeros(1, 3, 32, 32), torch.zeros(1, 3, 32, 32))
 
@@ -216,12 +216,19 @@ def test_frechet_distance_matches_torchmetrics_formula():
     assert frechet_distance(a, b) == pytest.approx(float(ref), rel=1e-6)
 
 
-def test_fid_extractor_plugs_into_torchmetrics(metrics, fid_feats):
+def test_fid_extractor_plugs_into_torchmetrics(metrics, faces, fid_feats):
+    """Streaming FID (torchmetrics, fed [0, 1] floats) sees the same features as Metrics.fid."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    extractor = metrics._get("fid")
-    fid = FrechetInceptionDistance(feature=extractor, normalize=True)  # uses num_features, no dummy pass
-    assert fid.real_features_sum.shape == (2048,)
+    fa, fb, _, _ = fid_feats
+    fid = FrechetInceptionDistance(feature=metrics._get("fid"), normalize=True)
+    fid.update(faces[:5].repeat(1, 3, 1, 1), real=True)  # extractors take RGB (Metrics converts grey itself)
+    fid.update(faces[5:10].repeat(1, 3, 1, 1), real=False)
+    streamed_real = (fid.real_features_sum / fid.real_features_num_samples).float()
+    streamed_fake = (fid.fake_features_sum / fid.fake_features_num_samples).float()
+    assert torch.allclose(streamed_real, fa.mean(0), rtol=1e-4, atol=1e-4)
+    assert torch.allclose(streamed_fake, fb.mean(0), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(streamed_real, streamed_fake, atol=1e-2)  # the two sets really differ
 
 
 @pytest.mark.skipif(has_module("torch_fidelity"), reason="checks the torch-fidelity-missing fallback")
@@ -232,7 +239,7 @@ def test_fid_cache_file_ignored_without_torch_fidelity(empty_torch_home):
 
 
 def test_fid_missing_configured_file(tmp_path):
-    m = Metrics(MetricsConfig(fid_inception_path=str(tmp_path / "inception.pt")))
+    m = Metrics(MetricsSettings(fid_inception_path=str(tmp_path / "inception.pt")))
     with pytest.raises(MetricUnavailable, match="fid_inception_path"):
         m.fid(torch.zeros(2, 3, 32, 32), torch.zeros(2, 3, 32, 32))
 

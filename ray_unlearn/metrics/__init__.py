@@ -7,14 +7,13 @@ raises MetricUnavailable with the reason and the fix. This package does not impo
 or boto3.
 """
 
-from .config import MetricsConfig, MetricUnavailable
+from .config import MetricUnavailable
 from .core import Metrics
 from .fid import frechet_distance
 from .sscd import SSCD_INPUT_EDGE, sscd_similarity_matrix
 
 __all__ = [
     "Metrics",
-    "MetricsConfig",
     "MetricUnavailable",
     "SSCD_INPUT_EDGE",
     "frechet_distance",

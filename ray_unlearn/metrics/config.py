@@ -1,12 +1,11 @@
-"""Configuration and the one error type of the metrics layer.
+"""The one error type of the metrics layer.
 
-Kept free of heavy imports so callers (CLI, Ray workers) can import the error type and config
-cheaply. This layer never imports ray, mlflow or boto3.
+Kept free of heavy imports so callers (CLI, Ray workers) can import it cheaply. Where to find each
+metric's weights is `ray_unlearn.config.MetricsSettings` (the `eval.metrics` section of a run's
+config), which the metrics take directly. This layer never imports ray, mlflow or boto3.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 
 class MetricUnavailable(RuntimeError):
@@ -27,20 +26,3 @@ class MetricUnavailable(RuntimeError):
     # cls(message) and fail on our three-argument constructor.
     def __reduce__(self):
         return (type(self), (self.metric, self.reason, self.fix))
-
-
-@dataclass
-class MetricsConfig:
-    """Where to find each metric's weights. ``None`` means: standard cache, then offline package."""
-
-    sscd_path: str | None = None
-    lpips_net: str = "alex"  # "alex" | "vgg"
-    lpips_backbone_path: str | None = None
-    fid_inception_path: str | None = None
-    batch_size: int = 64
-
-    def __post_init__(self) -> None:
-        if self.lpips_net not in ("alex", "vgg"):
-            raise ValueError(f"lpips_net must be 'alex' or 'vgg', got {self.lpips_net!r}")
-        if int(self.batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")

@@ -7,7 +7,9 @@ import torch
 from . import fid as _fid
 from . import lpips_metric as _lp
 from . import sscd as _sscd
-from .config import MetricsConfig, MetricUnavailable
+from ray_unlearn.config import MetricsSettings
+
+from .config import MetricUnavailable
 from .images import as_rgb01, batches, check_pair
 from .resolve import has_module, resolve_fid, resolve_lpips, resolve_sscd
 
@@ -21,8 +23,8 @@ class Metrics:
     MetricUnavailable (reason + fix) instead of running with substitutes.
     """
 
-    def __init__(self, cfg: MetricsConfig | None = None, device: str | torch.device = "cpu"):
-        self.cfg = cfg if cfg is not None else MetricsConfig()
+    def __init__(self, cfg: MetricsSettings | None = None, device: str | torch.device = "cpu"):
+        self.cfg = cfg if cfg is not None else MetricsSettings()
         self.device = torch.device(device)
         self._models: dict[str, object] = {}
         self._sources: dict[str, str] = {}

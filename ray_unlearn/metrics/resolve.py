@@ -16,7 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .config import MetricsConfig, MetricUnavailable
+from ray_unlearn.config import MetricsSettings
+
+from .config import MetricUnavailable
 
 # torchvision's ImageNet backbones that lpips expects; the hex part is the published sha256 prefix.
 LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
@@ -73,7 +75,7 @@ def is_torchscript(path: Path) -> bool:
         return any(n.split("/")[1:2] == ["code"] for n in zf.namelist())
 
 
-def resolve_sscd(cfg: MetricsConfig) -> Resolved:
+def resolve_sscd(cfg: MetricsSettings) -> Resolved:
     if cfg.sscd_path:
         p = _configured("sscd", "sscd_path", cfg.sscd_path)
         kind = "onnx" if p.suffix.lower() == ".onnx" else "torchscript"
@@ -95,7 +97,7 @@ def resolve_sscd(cfg: MetricsConfig) -> Resolved:
     )
 
 
-def resolve_lpips(cfg: MetricsConfig) -> Resolved:
+def resolve_lpips(cfg: MetricsSettings) -> Resolved:
     if not has_module("lpips"):
         raise MetricUnavailable("lpips", "the lpips package is not installed.", "pip install lpips.")
     fname = LPIPS_BACKBONE_FILES[cfg.lpips_net]
@@ -114,7 +116,7 @@ def resolve_lpips(cfg: MetricsConfig) -> Resolved:
     )
 
 
-def resolve_fid(cfg: MetricsConfig) -> Resolved:
+def resolve_fid(cfg: MetricsSettings) -> Resolved:
     fidelity = has_module("torch_fidelity")
     if cfg.fid_inception_path:
         p = _configured("fid", "fid_inception_path", cfg.fid_inception_path)
