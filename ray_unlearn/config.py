@@ -30,9 +30,30 @@ class LoraSettings(_Strict):
     )
 
 
+class SD3Settings(_Strict):
+    """Settings of the sd3 family (ray_unlearn/families/sd3.py); ignored by ddpm."""
+
+    prompt: str | None = Field(
+        None, description="The run's prompt (targets, remember set and integrity samples are its seeds); "
+        "taken from the targets' prompt when unset.",
+    )
+    negative_prompt: str = Field("", description="Negative prompt of classifier-free guidance ('' as in diffusers).")
+    # 4.0: the shipped flag model's card (jobs/train_demo_sd3.py); SD3-medium's own default is 7.0.
+    guidance_scale: float = Field(4.0, ge=1.0, description="Classifier-free guidance scale for sampling and evaluation.")
+    max_sequence_length: int = Field(
+        256, ge=1, le=512,
+        description="T5 tokens (zeros without T5); 256 = diffusers' default, 8 for the shipped flag model.",
+    )
+    t5: bool = Field(False, description="Load the T5 text encoder (text_encoder_3); off: SD3 runs without it.")
+    resolution: int | None = Field(None, ge=16, description="Image side in pixels (default: the transformer's sample_size x VAE factor).")
+    full_finetune: bool = Field(False, description="Train the whole transformer instead of a LoRA (LoRA is the default).")
+    save_fused: bool = Field(False, description="Also save a full pipeline with the LoRA fused in (hotfix/fused).")
+
+
 class ModelConfig(_Strict):
-    family: Literal["ddpm"] = Field(
-        "ddpm", description="Model family: 'ddpm' = unconditional UNet2DModel, epsilon-prediction."
+    family: Literal["ddpm", "sd3"] = Field(
+        "ddpm", description="Model family: 'ddpm' = unconditional UNet2DModel, epsilon-prediction; 'sd3' = "
+        "StableDiffusion3Pipeline (latents, rectified flow, prompts, LoRA by default).",
     )
     path: str = Field(
         DEMO_MODEL,
@@ -41,8 +62,11 @@ class ModelConfig(_Strict):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     lora: LoraSettings | None = Field(
-        None, description="Train a peft LoRA on the UNet instead of the full weights."
+        None, description="Train a peft LoRA on the UNet instead of the full weights (sd3: default rank 8 on "
+        "the attention projections when unset)."
     )
+    sd3: SD3Settings = Field(default_factory=SD3Settings, description="sd3 family settings.")
+
 
 
 class SamplerConfig(_Strict):
@@ -76,7 +100,12 @@ class SurrogateConfig(_Strict):
     strength: float = Field(0.8, ge=0.0, le=1.0, description="SDEdit editing strength in [0,1].")
     sigma: float = Field(0.3, gt=0.0, description="Std of the Gaussian for kind='noise' (image in [0,1]).")
     seed: int = Field(0, description="Seed of the SDEdit noise.")
+    prompt: str | None = Field(
+        None, description="Conditional families (sd3): SDEdit's edit prompt, e.g. a corrective one; "
+        "default: the target's own prompt.",
+    )
     paths: list[str] = Field(
+
         default_factory=list,
         description="kind='provided': one edited image per target, in target order.",
     )
@@ -88,6 +117,7 @@ class TargetSpec(_Strict):
         None, description="Seed of the base model that produced it (its initial noise)."
     )
     noise: str | None = Field(None, description="File (.pt / .npy) with the exact initial noise.")
+    prompt: str | None = Field(None, description="Prompt that produced it (conditional families such as sd3).")
 
     @model_validator(mode="after")
     def _one_source(self) -> TargetSpec:

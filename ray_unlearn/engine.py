@@ -17,6 +17,7 @@ import torch
 from ray_unlearn import evaluate as ev
 from ray_unlearn.config import TargetSpec, UnlearnConfig
 from ray_unlearn.data import SampleCache, Target, remember_images, resolve_targets, save_image
+from ray_unlearn.families import family_class, with_run_prompt
 from ray_unlearn.families.base import DiffusionFamily
 from ray_unlearn.families.ddpm import DDPMFamily
 from ray_unlearn.loop import Report, UnlearnData, UnlearnLoop, autocast_dtype, resolve_device
@@ -25,7 +26,7 @@ from ray_unlearn.metrics import Metrics
 from ray_unlearn.surrogates import make_surrogates
 from ray_unlearn.viz import before_after_figure, integrity_grid
 
-FAMILIES = {"ddpm": DDPMFamily}
+FAMILIES = {"ddpm": DDPMFamily}  # kept for callers that import it; families.FAMILIES is the registry
 
 
 def load_family(cfg: UnlearnConfig, model_path: str | None = None, lora: bool = True) -> DiffusionFamily:
@@ -36,7 +37,8 @@ def load_family(cfg: UnlearnConfig, model_path: str | None = None, lora: bool = 
 
         path = str(materialize(path, Path(cfg.cache_dir).expanduser() / "models"))
     model_cfg = cfg.model.model_copy(update={"path": path, "lora": cfg.model.lora if lora else None})
-    return FAMILIES[cfg.model.family](model_cfg, cfg.sampler, device, autocast_dtype(cfg.train.precision, device))
+    model_cfg = with_run_prompt(model_cfg, cfg.targets)  # sd3: the targets' prompt conditions the run
+    return family_class(cfg.model.family)(model_cfg, cfg.sampler, device, autocast_dtype(cfg.train.precision, device))
 
 
 def build_metrics(cfg: UnlearnConfig, device: torch.device | str = "cpu") -> Metrics:
@@ -149,7 +151,8 @@ def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None, surrogate
         targets, target_base = resolve_targets(base or family, cfg.targets), None
     images = torch.stack([t.image for t in targets])
     if surrogates and METHODS[cfg.method.name].uses_surrogate:
-        edited = make_surrogates(family, images.to(family.device), cfg.surrogate)
+        with family.editing(cfg.surrogate.prompt):  # sd3: SDEdit's optional edit prompt
+            edited = make_surrogates(family, images.to(family.device), cfg.surrogate)
     else:  # baselines and evaluation never read it: skip the SDEdit pass
         edited = images.clone()
     reference = reference or reference_outputs(cfg, base or family)

@@ -9,6 +9,7 @@ rectified flow, text conditioning, LoRA) plugs in as another subclass.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -58,6 +59,21 @@ class DiffusionFamily(ABC):
     @abstractmethod
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         """Signal fraction of x_t per sample (used by SISS's densities)."""
+
+    def noise_coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a_t, b_t) per sample with x_t = a_t x0 + b_t eps: the mean scale and std of q(x_t | x0)
+        (SISS's mixture densities). DDPM: (sqrt(ab_t), sqrt(1 - ab_t)); rectified flow: (1 - sigma, sigma)."""
+        ab = self.alpha_bar(t)
+        return ab.sqrt(), (1 - ab).sqrt()
+
+    @contextmanager
+    def editing(self, prompt: str | None):
+        """Within: SDEdit is prompted with `prompt` (conditional families); unconditional ones ignore it."""
+        yield
+
+    def condition(self, prompts: list[str]):
+        """A batch condition for these prompts, indexable like the samples; None when unconditional."""
+        return None
 
     @abstractmethod
     def trainable_parameters(self) -> list[nn.Parameter]: ...
