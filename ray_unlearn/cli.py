@@ -1,13 +1,23 @@
-"""`ray-unlearn`: the command line. Thin: parse, build a config, call the engine, print."""
+"""`ray-unlearn`: the command line. Thin: parse, build a config, call the engine or the platform, print.
+
+Results go to stdout (a summary, or JSON with --json); progress and log lines go to stderr through
+stdlib logging (configured once, here). Exit codes: `ray_unlearn.exit_codes`.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from ray_unlearn.exit_codes import ExitCode
 
 app = typer.Typer(
     add_completion=False,
@@ -22,9 +32,40 @@ TargetOpt = Annotated[list[Path], typer.Option("--target", help="Image file of a
 TargetSeedOpt = Annotated[list[int], typer.Option("--target-seed", help="Forget the base model's output for this seed (repeatable).")]
 
 
-def _fail(msg: str) -> None:
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log lines to stderr through rich, once per process: ray_unlearn's at `level`, other
+    libraries' (Ray, MLflow, optuna) at WARNING."""
+    from rich.logging import RichHandler
+
+    root = logging.getLogger()
+    if not any(isinstance(h, RichHandler) for h in root.handlers):
+        handler = RichHandler(console=Console(stderr=True), show_path=False, log_time_format="[%X]")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.WARNING)
+    logging.getLogger("ray_unlearn").setLevel(level)
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug log lines.")] = False) -> None:
+    setup_logging(logging.DEBUG if verbose else logging.INFO)
+
+
+def _console() -> Console:
+    # a pipe or a job log gets whole table rows, not rows wrapped at 80 columns
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _fail(msg: str, code: ExitCode = ExitCode.USAGE) -> NoReturn:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(int(code))
+
+
+def _infra() -> tuple[type[BaseException], ...]:
+    """Storage, MLflow or Ray unreachable or refusing: exit 4 (ExitCode.INFRASTRUCTURE)."""
+    from ray_unlearn.platform.errors import infrastructure_errors
+
+    return infrastructure_errors()
 
 
 def _config(config, sets, method=None, steps=None, targets=(), target_seeds=()):
@@ -85,9 +126,12 @@ def unlearn(
     if not cfg.targets:
         _fail("no targets: give --target IMAGE and/or --target-seed N (or `targets:` in the config)")
     from ray_unlearn.engine import run_unlearning
+    from ray_unlearn.platform.models import with_local_model
 
     try:
-        report = run_unlearning(cfg, out, progress=not json_out)
+        report = run_unlearning(with_local_model(cfg), out, progress=not json_out)
+    except _infra() as err:
+        _fail(str(err), ExitCode.INFRASTRUCTURE)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         _fail(str(err))
     if json_out:
@@ -99,8 +143,8 @@ def unlearn(
 
 @app.command()
 def evaluate(
-    model: Annotated[str, typer.Argument(help="The unlearned model (diffusers dir or hub id).")],
-    base: Annotated[str, typer.Option("--base", help="The base model.")] = "demo",
+    model: Annotated[str, typer.Argument(help="The unlearned model (diffusers dir, hub id or s3:// prefix).")],
+    base: Annotated[str, typer.Option("--base", help="The base model (same forms).")] = "demo",
     config: ConfigOpt = None,
     set_: SetOpt = [],  # noqa: B006
     target: Annotated[list[Path], typer.Option("--target")] = [],  # noqa: B006
@@ -113,9 +157,12 @@ def evaluate(
     if not cfg.targets:
         _fail("no targets: give --target IMAGE and/or --target-seed N")
     from ray_unlearn.engine import evaluate_models
+    from ray_unlearn.platform.models import local_model
 
     try:
-        report = evaluate_models(cfg, base, model, out, progress=not json_out)
+        report = evaluate_models(cfg, local_model(base, cfg), local_model(model, cfg), out, progress=not json_out)
+    except _infra() as err:
+        _fail(str(err), ExitCode.INFRASTRUCTURE)
     except (ValueError, RuntimeError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(json.dumps(report, indent=2) if json_out else _summary(report))
@@ -147,20 +194,6 @@ def bench(
     typer.echo(json.dumps(res, indent=2) if json_out else "\n".join(f"{k}: {v}" for k, v in res.items()))
 
 
-def _train_runtime_env() -> dict | None:
-    """HF_HUB_OFFLINE for the Ray workers, only when set here. Under `ray job submit` the job's
-    runtime env already reaches them, and ray.init refuses to redefine one of its env vars."""
-    import os
-
-    value = os.environ.get("HF_HUB_OFFLINE")
-    if value is None:
-        return None
-    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    if "HF_HUB_OFFLINE" in ((job.get("runtime_env") or {}).get("env_vars") or {}):
-        return None
-    return {"env_vars": {"HF_HUB_OFFLINE": value}}
-
-
 @app.command()
 def train(
     config: ConfigOpt = None,
@@ -179,33 +212,25 @@ def train(
 ) -> None:
     """Unlearn on Ray Train: joins the cluster of a `ray job submit` job (RAY_ADDRESS) or starts a
     local Ray; data-parallel workers, checkpoints, restarts from the last one."""
-    import os
-
     cfg = _config(config, set_, method, steps, target, target_seed)
     if not cfg.targets:
         _fail("no targets: give --target IMAGE and/or --target-seed N (or `targets:` in the config)")
-    storage = storage or os.environ.get("RAY_UNLEARN_STORE") or "./ray_unlearn_store"
-    import ray
-    import ray.train
+    from ray_unlearn.platform.cluster import has_gpus, init_ray, shutdown_ray
+    from ray_unlearn.platform.train import TrainingFailed, run_train
+    from ray_unlearn.storage import store_uri
 
-    from ray_unlearn.platform.train import run_train
-
-    runtime_env = _train_runtime_env()
-    ray.init(**({"runtime_env": runtime_env} if runtime_env else {}))
     try:
-        use_gpu = gpu if gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-        out = run_train(cfg, num_workers=workers, use_gpu=use_gpu, storage_path=storage, name=name,
+        init_ray()
+        use_gpu = gpu if gpu is not None else has_gpus()
+        out = run_train(cfg, num_workers=workers, use_gpu=use_gpu, storage_path=store_uri(storage), name=name,
                         max_failures=max_failures, checkpoint_every=checkpoint_every)
-    except ray.train.TrainingFailedError as err:
-        _fail(f"training failed after {max_failures} restart(s): {err}")
+    except TrainingFailed as err:
+        _fail(f"training failed after {max_failures} restart(s): {err}", ExitCode.REQUEST_FAILED)
+    except _infra() as err:
+        _fail(str(err), ExitCode.INFRASTRUCTURE)
     finally:
-        ray.shutdown()
-    if "://" in storage:  # the outputs live in the final checkpoint; out_dir was a worker's temp dir
-        scheme = storage.split("://", 1)[0]
-        ckpt = out["checkpoint"] if "://" in str(out["checkpoint"]) else f"{scheme}://{out['checkpoint']}"
-        out["hotfix"], out["report"] = f"{ckpt}/hotfix", f"{ckpt}/report.json"
-    else:
-        out["report"] = str(Path(out["out_dir"]) / "report.json")
+        shutdown_ray()
+    out["report"] = out.pop("report_uri")  # where the report is (the dict itself is in the store)
     out["use_gpu"] = use_gpu
     if json_out:
         typer.echo(json.dumps(out))
@@ -232,15 +257,20 @@ def promote(
     force: Annotated[bool, typer.Option("--force", help="Skip the check of the version's evaluation (forgotten, integrity): serve it anyway.")] = False,
 ) -> None:
     """Serve a registered hotfix: move ALIAS to VERSION, if its evaluation shows it forgot every
-    target and kept the other outputs (else exit 2 and the alias stays where it was)."""
-    from ray_unlearn.platform.tracking import DEFAULT_MODEL_NAME, PromotionRefused, Registry
+    target and kept the other outputs (else exit 3 and the alias stays where it was)."""
+    from ray_unlearn.platform.promotion import DEFAULT_MODEL_NAME, PromotionRefused
+    from ray_unlearn.platform.registry import Registry
 
     reg = Registry(tracking_uri, model or DEFAULT_MODEL_NAME)
     try:
         before = reg.serving(alias)
         v = reg.promote(version, alias, force=force)
-    except (PromotionRefused, LookupError) as err:
-        _fail(f"{reg.name}: {err}" if isinstance(err, PromotionRefused) else str(err))
+    except PromotionRefused as err:
+        _fail(f"{reg.name}: {err}", ExitCode.GATE_REFUSED)
+    except LookupError as err:
+        _fail(str(err))
+    except _infra() as err:
+        _fail(f"MLflow at {reg.uri}: {err}", ExitCode.INFRASTRUCTURE)
     forced = f"; forced: {v.refusal()}" if force and v.refusal() else ""
     was = f"; was version {before.version}" if before and before.version != v.version else ""
     typer.echo(f"{reg.name} version {v.version} now serves as @{alias} ({v.summary()}{forced}{was})")
@@ -251,35 +281,40 @@ def versions(model: ModelOpt = None, tracking_uri: TrackingOpt = None, json_out:
     """The registered hotfix versions, their aliases and evaluation figures."""
     from dataclasses import asdict
 
-    from ray_unlearn.platform.tracking import DEFAULT_MODEL_NAME, Registry
+    from ray_unlearn.platform.promotion import DEFAULT_MODEL_NAME
+    from ray_unlearn.platform.registry import Registry
 
-    rows = Registry(tracking_uri, model or DEFAULT_MODEL_NAME).versions()
+    reg = Registry(tracking_uri, model or DEFAULT_MODEL_NAME)
+    try:
+        rows = reg.versions()
+    except _infra() as err:
+        _fail(f"MLflow at {reg.uri}: {err}", ExitCode.INFRASTRUCTURE)
     if json_out:
         typer.echo(json.dumps([{**asdict(v), "passed": v.passed} for v in rows], indent=2))
         return
-    cols = ("version", "aliases", "passed", "sscd", "threshold", "ssim", "fid", "source")
-    table = [cols] + [
-        (str(v.version), ",".join("@" + a for a in v.aliases), str(v.passed).lower(), v.tags.get("sscd", ""),
-         v.tags.get("threshold", ""), v.tags.get("integrity_ssim", ""), v.tags.get("fid", ""), v.source)
-        for v in rows
-    ]
-    widths = [max(len(r[i]) for r in table) for i in range(len(cols))]
-    for r in table:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    table = _table("version", "aliases", "passed", "sscd", "threshold", "ssim", "fid", "source")
+    for v in rows:
+        table.add_row(str(v.version), ",".join("@" + a for a in v.aliases), str(v.passed).lower(), v.tags.get("sscd", ""),
+                      v.tags.get("threshold", ""), v.tags.get("integrity_ssim", ""), v.tags.get("fid", ""), v.source)
+    _console().print(table)
     if not rows:
         typer.echo(f"(no versions of {model or DEFAULT_MODEL_NAME})")
 
 
-def _front_table(summary: dict) -> str:
-    rows = [("version", "sscd", "integrity", "fid", "scored on", "settings")]
+def _table(*columns: str) -> Table:
+    """A plain table: a header row, then one line per row (easy to read and to grep)."""
+    return Table(*columns, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+
+
+def _front_table(summary: dict) -> Table:
+    table = _table("version", "sscd", "integrity", "fid", "scored on", "settings")
     chosen = (summary.get("chosen") or {}).get("version")
     for p in summary.get("front", []):
         settings = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                              for k, v in p["params"].items())
-        rows.append((f"{p['version']}{' *' if p['version'] == chosen else ''}", f"{p['sscd']:.3f}", f"{p['integrity']:.3f}",
-                     "" if p.get("fid") is None else f"{p['fid']:.1f}", p.get("scored_on", ""), settings))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+        table.add_row(f"{p['version']}{' *' if p['version'] == chosen else ''}", f"{p['sscd']:.3f}", f"{p['integrity']:.3f}",
+                      "" if p.get("fid") is None else f"{p['fid']:.1f}", p.get("scored_on", ""), settings)
+    return table
 
 
 def _print_search(summary: dict) -> None:
@@ -289,7 +324,10 @@ def _print_search(summary: dict) -> None:
                f"{len(summary['errors'])} failed; base model sampled {summary['base_sampling_passes']} time(s)")
     typer.echo(f"forget threshold SSCD < {summary['threshold']}; integrity bound SSIM >= {summary['min_integrity']}")
     typer.echo(f"Pareto front ({n_front} point{'s' * (n_front != 1)}; * = chosen), hypervolume {summary['hypervolume']}:")
-    typer.echo(_front_table(summary) if n_front else "  (empty: no trial forgot the target; widen the search space)")
+    if n_front:
+        _console().print(_front_table(summary))
+    else:
+        typer.echo("  (empty: no trial forgot the target; widen the search space)")
     typer.echo(f"pareto: {summary['pareto_uri']}  (and pareto.png beside it)")
 
 
@@ -315,54 +353,67 @@ def search(
     json_out: JsonOpt = False,
 ) -> None:
     """Ray Tune's Pareto search over a search space: forgetting (SSCD) vs. integrity (SSIM); every
-    trial a Ray Train run, an MLflow child run and a registered hotfix version."""
-    import os
-
+    trial a Ray Train run, an MLflow child run and a registered hotfix version. With --promote,
+    exit 3 when nothing could be promoted (no front point within the bound, or the gate refused)."""
     cfg = _config(config, set_, None, None, target, target_seed)
     if not cfg.targets:
         _fail("no targets: give --target IMAGE and/or --target-seed N (or `targets:` in the config)")
     from ray_unlearn.config import ConfigError
-    from ray_unlearn.platform.search import SearchOptions, init_ray, run_search
-    from ray_unlearn.platform.tracking import DEFAULT_MODEL_NAME, PromotionRefused, Registry
-
-    import ray
+    from ray_unlearn.platform.cluster import has_gpus, init_ray
+    from ray_unlearn.platform.promotion import DEFAULT_MODEL_NAME, PromotionRefused
+    from ray_unlearn.platform.registry import Registry
+    from ray_unlearn.platform.search import SearchOptions, run_search
+    from ray_unlearn.storage import store_uri
 
     opts = SearchOptions(space=space, trials=trials, workers=workers, proxy_integrity=proxy_integrity or None,
-                         storage=storage or os.environ.get("RAY_UNLEARN_STORE") or "./ray_unlearn_store",
-                         tracking_uri=tracking_uri, model_name=model or DEFAULT_MODEL_NAME, name=name,
-                         max_concurrent=max_concurrent, seed=seed, out_dir=str(out) if out else None)
+                         storage=store_uri(storage), tracking_uri=tracking_uri, model_name=model or DEFAULT_MODEL_NAME,
+                         name=name, max_concurrent=max_concurrent, seed=seed, out_dir=str(out) if out else None)
     try:
         init_ray()
-        opts.gpu = gpu if gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+        opts.gpu = gpu if gpu is not None else has_gpus()
         summary = run_search(cfg, opts, progress=not json_out)
+        if promote_best and summary["chosen"]:
+            try:
+                summary["promoted_version"] = Registry(tracking_uri, opts.model_name).promote(summary["chosen"]["version"]).version
+            except PromotionRefused as err:
+                summary["promotion_refused"] = str(err)
+    except _infra() as err:
+        _fail(str(err), ExitCode.INFRASTRUCTURE)
     except (ConfigError, ValueError) as err:
         _fail(str(err))
-    if promote_best and summary["chosen"]:
-        try:
-            summary["promoted_version"] = Registry(tracking_uri, opts.model_name).promote(summary["chosen"]["version"]).version
-        except PromotionRefused as err:
-            summary["promotion_refused"] = str(err)
+    if promote_best and not summary.get("promoted_version"):
+        summary["promotion_refused"] = summary.get("promotion_refused") or "no front point within the integrity bound"
     if json_out:
         typer.echo(json.dumps(summary, default=str))
-        return
-    _print_search(summary)
-    if summary.get("promoted_version"):
-        typer.echo(f"promoted: {opts.model_name} version {summary['promoted_version']} @production")
+    else:
+        _print_search(summary)
+        if summary.get("promoted_version"):
+            typer.echo(f"promoted: {opts.model_name} version {summary['promoted_version']} @production")
+        elif promote_best:
+            typer.echo(f"nothing promoted: {summary['promotion_refused']}")
+    if promote_best and not summary.get("promoted_version"):
+        raise typer.Exit(int(ExitCode.GATE_REFUSED))
 
 
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Everything goes here: store, MLflow DB, pareto.")] = Path("runs/demo"),
     trials: Annotated[int, typer.Option("--trials", min=2, help="Search trials.")] = 6,
-    space: Annotated[str, typer.Option("--space", help="Search space.")] = "demo",
+    space: Annotated[str, typer.Option("--space", help="A shipped search space name or a YAML file.")] = "demo",
     set_: SetOpt = [],  # noqa: B006
     json_out: JsonOpt = False,
 ) -> None:
     """The main job, end to end on embedded defaults: a deletion request for the shipped demo
     model's output (seed 7), a Pareto search on local Ray, MLflow on SQLite, the best hotfix promoted."""
+    from ray_unlearn.config import ConfigError
     from ray_unlearn.platform.demo import run_demo
 
-    summary = run_demo(out, trials=trials, space=space, progress=not json_out, sets=set_)
+    try:
+        summary = run_demo(out, trials=trials, space=space, progress=not json_out, sets=set_)
+    except _infra() as err:
+        _fail(str(err), ExitCode.INFRASTRUCTURE)
+    except (ConfigError, ValueError) as err:
+        _fail(str(err))
     if json_out:
         typer.echo(json.dumps(summary, default=str))
         return

@@ -32,10 +32,9 @@ FAMILIES = {"ddpm": DDPMFamily}  # kept for callers that import it; families.FAM
 def load_family(cfg: UnlearnConfig, model_path: str | None = None, lora: bool = True) -> DiffusionFamily:
     device = resolve_device(cfg.train.device)
     path = model_path or cfg.model.path
-    if path.startswith("s3://"):  # a hotfix in object storage (the batch processor's): a local copy, once
-        from ray_unlearn.storage import materialize  # boto3 itself loads only on this path
-
-        path = str(materialize(path, Path(cfg.cache_dir).expanduser() / "models"))
+    if path.startswith("s3://"):  # the engine knows no storage: its callers download first
+        raise ValueError(f"model {path!r} is in object storage: the engine loads local folders and hub ids only; "
+                         "download it first (ray_unlearn.storage.materialize, or platform.models.with_local_model)")
     model_cfg = cfg.model.model_copy(update={"path": path, "lora": cfg.model.lora if lora else None})
     model_cfg = with_run_prompt(model_cfg, cfg.targets)  # sd3: the targets' prompt conditions the run
     return family_class(cfg.model.family)(model_cfg, cfg.sampler, device, autocast_dtype(cfg.train.precision, device))

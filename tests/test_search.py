@@ -28,7 +28,7 @@ space:
 @pytest.fixture(scope="module")
 def ray_with_s3(moto_s3):
     """Our own local Ray, started after the S3 server so its workers get the endpoint and keys."""
-    from ray_unlearn.platform.search import init_ray
+    from ray_unlearn.platform.cluster import init_ray
 
     temp_dir = tempfile.mkdtemp(prefix="ru-", dir="/tmp")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -21,6 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from ray_unlearn.exit_codes import ExitCode
 from ray_unlearn.platform.tracking import (
     DEFAULT_MODEL_NAME,
     SERVING_ALIAS,
@@ -308,12 +309,12 @@ def test_cli_promote_and_versions(uri):
     assert f"{DEFAULT_MODEL_NAME} version 1 now serves as @production (SSCD 0.53 < 0.63, integrity SSIM 0.80)" in ok.output
 
     refused = runner.invoke(app, ["promote", "2", "--tracking-uri", uri])
-    assert refused.exit_code == 2
+    assert refused.exit_code == ExitCode.GATE_REFUSED
     assert "SSCD 0.71 is not below the threshold 0.63" in refused.stderr
     assert reg.serving().version == 1
 
     missing = runner.invoke(app, ["promote", "7", "--tracking-uri", uri])
-    assert missing.exit_code == 2 and "has no version 7" in missing.stderr
+    assert missing.exit_code == ExitCode.USAGE and "has no version 7" in missing.stderr
 
     forced = runner.invoke(app, ["promote", "2", "--tracking-uri", uri, "--force"])
     assert forced.exit_code == 0 and "forced: version 2 did not forget" in forced.output and "was version 1" in forced.output
@@ -325,8 +326,9 @@ def test_cli_promote_and_versions(uri):
     assert [(r["version"], r["aliases"], r["passed"], r["source"]) for r in rows] == [
         (1, [], True, "s3://b/v1"), (2, ["production"], False, "s3://b/v2")]
     table = runner.invoke(app, ["versions", "--tracking-uri", uri])
-    lines = table.output.splitlines()
+    lines = [line for line in table.output.splitlines() if line.strip() and set(line.strip()) != {"─"}]
     assert lines[0].split() == ["version", "aliases", "passed", "sscd", "threshold", "ssim", "fid", "source"]
+    assert lines[1].split() == ["1", "true", "0.53", "0.63", "0.8", "56.5", "s3://b/v1"]
     assert lines[2].split() == ["2", "@production", "false", "0.71", "0.63", "0.8", "56.5", "s3://b/v2"]
 
 

@@ -13,7 +13,9 @@ from pathlib import Path
 from ray_unlearn.config import load_config
 from ray_unlearn.data import save_image
 from ray_unlearn.engine import load_family
-from ray_unlearn.platform.search import SearchOptions, init_ray, run_search
+from ray_unlearn.platform.cluster import init_ray
+from ray_unlearn.platform.models import with_local_model
+from ray_unlearn.platform.search import SearchOptions, run_search
 from ray_unlearn.platform.promotion import PromotionRefused
 from ray_unlearn.platform.registry import Registry
 from ray_unlearn.requests.queue import Queue
@@ -32,7 +34,7 @@ def run_demo(out: str | Path = "runs/demo", trials: int = 6, space: str = "demo"
     # 1. the request, as a user sends it: a picture the model made (and its seed, from the service's logs)
     png = root / "request.png"
     if not png.is_file():
-        base_cfg = load_config(None, list(sets))
+        base_cfg = with_local_model(load_config(None, list(sets)))
         fam = load_family(base_cfg, lora=False)
         save_image(fam.generate(fam.initial_noise([seed]))[0], png)
     record, new = Queue(open_store(store_uri)).submit(png, seed=seed, note="demo: 'your model generates my face: remove it'")

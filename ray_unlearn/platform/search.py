@@ -20,7 +20,7 @@ trials are not rerun, and an interrupted trial's Train run resumes from its chec
 from __future__ import annotations
 
 import json
-import os
+import logging
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -34,6 +34,7 @@ from ray_unlearn import pareto
 from ray_unlearn.config import UnlearnConfig, load_config
 from ray_unlearn.engine import Reference, build_metrics, judge, load_family, prepare, reference_outputs
 from ray_unlearn.hashing import content_hash
+from ray_unlearn.platform.models import with_local_model
 from ray_unlearn.platform.privacy import redact_config
 from ray_unlearn.platform.promotion import DEFAULT_MODEL_NAME, version_tags
 from ray_unlearn.platform.registry import Registry
@@ -42,6 +43,8 @@ from ray_unlearn.platform.train import ray_storage, run_train
 from ray_unlearn.search_space import load_space
 from ray_unlearn.storage import open_store
 from ray_unlearn.viz import pareto_plot
+
+logger = logging.getLogger(__name__)
 
 TRIAL_CPU = 0.01  # the trial's own process only waits on its Train run
 WORKER_CPU = 0.99
@@ -66,6 +69,24 @@ class SearchOptions:
     searcher: str = "optuna"  # "optuna" (multi-objective TPE) or "grid" (the `grid` points, a baseline)
     grid: list[dict] = field(default_factory=list)
     out_dir: str | None = None  # a local copy of pareto.json / pareto.png
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of one search shares (pickled to each trial's process by Tune)."""
+
+    name: str  # the search's name: run names, registry idempotency keys
+    base: dict  # the base config (`UnlearnConfig` as JSON); a trial applies its sampled params on top
+    proxy: int | None  # integrity seeds a trial is scored on; None: full size
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    model_name: str  # the registered model that gets one version per trial
+    workers: int
+    gpu: bool
+    ray_storage: str  # where the trials' Ray Train runs keep checkpoints (a folder or s3://)
+    reference: dict  # where the shared base outputs are: {"store", "key", "endpoint_url"}
+    endpoint_url: str | None = None
 
 
 def _join(uri: str, *parts: str) -> str:
@@ -121,27 +142,27 @@ def _point(report: dict, params: dict) -> dict:
     }
 
 
-def _trial(config: dict, ctx: dict) -> None:
+def _trial(config: dict, ctx: TrialContext) -> None:
     """One Tune trial: a Ray Train run of the sampled settings, logged, registered, reported."""
     params = dict(config.get("point") or config)
     trial_id = tune.get_context().get_trial_id()
-    cfg = _trial_config(ctx["base"], params, ctx["proxy"])
-    tracker = Tracker(ctx["tracking_uri"], ctx["experiment"])
-    run_id = tracker.start_run(f"trial-{trial_id}", parent_run_id=ctx["parent_run_id"],
-                               params={**params, "workers": ctx["workers"], "method": cfg.method.name},
-                               tags={"search": ctx["name"], "trial_id": trial_id})
+    cfg = _trial_config(ctx.base, params, ctx.proxy)
+    tracker = Tracker(ctx.tracking_uri, ctx.experiment)
+    run_id = tracker.start_run(f"trial-{trial_id}", parent_run_id=ctx.parent_run_id,
+                               params={**params, "workers": ctx.workers, "method": cfg.method.name},
+                               tags={"search": ctx.name, "trial_id": trial_id})
     try:
-        out = run_train(cfg, num_workers=ctx["workers"], use_gpu=ctx["gpu"], storage_path=ctx["ray_storage"],
-                        name=f"{ctx['name']}-{trial_id}", loop_config={"reference": ctx["reference"]},
-                        endpoint_url=ctx["endpoint_url"], cpu_per_worker=WORKER_CPU)
+        out = run_train(cfg, num_workers=ctx.workers, use_gpu=ctx.gpu, storage_path=ctx.ray_storage,
+                        name=f"{ctx.name}-{trial_id}", loop_config={"reference": ctx.reference},
+                        endpoint_url=ctx.endpoint_url, cpu_per_worker=WORKER_CPU)
         report = out["report"]
-        _, filesystem = ray_storage(ctx["ray_storage"], ctx["endpoint_url"])
+        _, filesystem = ray_storage(ctx.ray_storage, ctx.endpoint_url)
         with _local(out["checkpoint"], filesystem) as d:
             tracker.log_history(run_id, json.loads((d / "history.json").read_text()))
             tracker.log_report(run_id, report, d, storage_uri=out["checkpoint"])
-        version = Registry(ctx["tracking_uri"], ctx["model_name"]).register(
-            out["hotfix"], run_id=run_id, idempotency_key=f"{ctx['name']}/{trial_id}",
-            tags=version_tags(report, search=ctx["name"], trial=trial_id, scored_on=f"proxy n={cfg.eval.n_integrity}",
+        version = Registry(ctx.tracking_uri, ctx.model_name).register(
+            out["hotfix"], run_id=run_id, idempotency_key=f"{ctx.name}/{trial_id}",
+            tags=version_tags(report, search=ctx.name, trial=trial_id, scored_on=f"proxy n={cfg.eval.n_integrity}",
                               report_uri=f"{out['checkpoint']}/report.json"))
         tracker.end_run(run_id)
     except BaseException:
@@ -157,7 +178,7 @@ def _trial(config: dict, ctx: dict) -> None:
 def recheck(base: dict, params: dict, hotfix: str, reference: dict, ray_storage_uri: str,
             endpoint_url: str | None = None) -> dict:
     """A front point's hotfix evaluated at full size (all integrity seeds, FID on)."""
-    cfg = _trial_config(base, params, None)
+    cfg = with_local_model(_trial_config(base, params, None))
     store = open_store(reference["store"], endpoint_url=endpoint_url)
     ref = Reference.from_bytes(store.get_bytes(reference["key"]))
     _, filesystem = ray_storage(ray_storage_uri, endpoint_url)
@@ -195,6 +216,113 @@ def _concurrency(opts: SearchOptions) -> int:
     return max(1, int((res.get("CPU", 1) - TRIAL_CPU) // (WORKER_CPU * opts.workers)))
 
 
+def _shared_reference(cfg: UnlearnConfig, opts: SearchOptions, store, prefix: str, progress: bool) -> tuple[dict, int]:
+    """The base model's shared outputs, sampled once per search (also across resumes) and put in
+    the store; (where they are, how many times the base model was sampled now)."""
+    key = f"{prefix}/reference.pt"
+    passes = 0
+    if not store.exists(key):
+        ref = reference_outputs(with_local_model(cfg), targets=True, progress=progress)
+        store.put_bytes(key, ref.to_bytes())
+        passes = ref.cache_hits["base_passes"]
+    return {"store": opts.storage, "key": key, "endpoint_url": opts.endpoint_url}, passes
+
+
+def _parent_run(cfg: UnlearnConfig, opts: SearchOptions, name: str, tracker: Tracker, store, prefix: str) -> str:
+    """The search's MLflow parent run, reused when the search resumes."""
+    key = f"{prefix}/parent_run.json"
+    if store.exists(key):
+        return store.get_json(key)["run_id"]
+    run_id = tracker.start_run(name, params={"space": opts.space, "trials": opts.trials, "workers": opts.workers,
+                                             "proxy_integrity": opts.proxy_integrity, "searcher": opts.searcher,
+                                             "config": redact_config(cfg.model_dump(mode="json"))},
+                               tags={"search": name, "kind": "search"})
+    store.put_json(key, {"run_id": run_id})
+    return run_id
+
+
+def _tuner(cfg: UnlearnConfig, opts: SearchOptions, space: dict, ctx: TrialContext, progress: bool) -> tune.Tuner:
+    """A new Tuner, or the interrupted one of the same name restored (finished trials are kept)."""
+    ray_uri = _join(opts.storage, "ray")
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": TRIAL_CPU})
+    path, filesystem = ray_storage(ray_uri, opts.endpoint_url)
+    tuner_path = _join(ray_uri, ctx.name) if filesystem is None else _join(path, ctx.name)
+    if tune.Tuner.can_restore(tuner_path, storage_filesystem=filesystem):
+        logger.info("search %s: resuming the interrupted Tune run", ctx.name)
+        return tune.Tuner.restore(tuner_path, trainable, resume_errored=True, storage_filesystem=filesystem)
+    if opts.searcher == "grid":
+        param_space, search_alg, samples = {"point": tune.grid_search(list(opts.grid))}, None, 1
+    else:
+        param_space = to_tune(space)
+        # the config's own settings go first: the search starts from the known-good point
+        search_alg = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), seed=opts.seed,
+                                  points_to_evaluate=[start_point(cfg, space)])
+        samples = opts.trials
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=samples,
+                                    max_concurrent_trials=_concurrency(opts)),
+        run_config=tune.RunConfig(name=ctx.name, storage_path=path, storage_filesystem=filesystem,
+                                  verbose=1 if progress else 0),
+    )
+
+
+def _points(results) -> tuple[list[dict], list[str]]:
+    """The finished trials as front points, and the errors of the others."""
+    points, errors = [], []
+    for r in results:
+        if r.error is not None or not r.metrics or "version" not in r.metrics:
+            errors.append(str(r.error)[:500] if r.error else "no result")
+            continue
+        m = r.metrics
+        params = dict(r.config.get("point") or r.config)
+        points.append({"trial": m.get("trial_id"), "params": params, "sscd": m["sscd"], "integrity": m["integrity"],
+                       "fid": m.get("fid"), "forgotten": bool(m["forgotten"]), "passed": bool(m["passed"]),
+                       "threshold": m.get("threshold"), "version": m["version"], "hotfix": m["hotfix"],
+                       "mlflow_run_id": m["mlflow_run_id"], "scored_on": f"proxy n={m.get('n_integrity')}"})
+    return points, errors
+
+
+def _recheck_front(proxy_front: list[dict], ctx: TrialContext, registry: Registry) -> list[dict]:
+    """The proxy front's points evaluated at full size (Ray tasks, one per point); their registry
+    tags get the full-size figures; the front of the re-checked points."""
+    logger.info("search %s: re-checking the %d front point(s) at full size", ctx.name, len(proxy_front))
+    task = ray.remote(num_cpus=0 if ctx.gpu else WORKER_CPU, num_gpus=1 if ctx.gpu else 0)(recheck)
+    refs = [task.remote(ctx.base, p["params"], p["hotfix"], ctx.reference, ctx.ray_storage, ctx.endpoint_url)
+            for p in proxy_front]
+    rechecked = []
+    for p, result in zip(proxy_front, ray.get(refs)):
+        q = {**p, **{k: v for k, v in _point(result, p["params"]).items() if k != "params"},
+             "scored_on": f"full n={result['integrity']['n']}", "proxy": {"sscd": p["sscd"], "integrity": p["integrity"]}}
+        for k, v in {**version_tags(result), "scored_on": q["scored_on"]}.items():  # full-size figures replace the proxy's
+            registry.client.set_model_version_tag(registry.name, str(q["version"]), k, v)
+        rechecked.append(q)
+    return pareto.front(rechecked)
+
+
+def _publish(summary: dict, opts: SearchOptions, tracker: Tracker, store, prefix: str) -> None:
+    """pareto.json and pareto.png to the store, the MLflow parent run and the output folder; the
+    parent run's figures and tags; the parent run ended."""
+    points, final, chosen, parent_run_id = summary["trials"], summary["front"], summary["chosen"], summary["mlflow_parent_run_id"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "pareto.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        pareto_plot(tmp / "pareto.png", points, final, summary["threshold"], summary["min_integrity"], chosen,
+                    title=f"{summary['search']}: {len(points)} trials, {len(final)} on the front")
+        for f in ("pareto.json", "pareto.png"):
+            store.put_bytes(f"{prefix}/{f}", (tmp / f).read_bytes())
+            tracker.log_figure(parent_run_id, tmp / f)
+            if opts.out_dir:
+                Path(opts.out_dir).mkdir(parents=True, exist_ok=True)
+                (Path(opts.out_dir) / f).write_bytes((tmp / f).read_bytes())
+    tracker.log_metrics(parent_run_id, {"hypervolume": summary["hypervolume"], "front_size": len(final),
+                                        "trials_ok": len(points), "base_sampling_passes": summary["base_sampling_passes"]})
+    tracker.set_tags(parent_run_id, {"pareto_uri": store.uri(f"{prefix}/pareto.json"),
+                                     "chosen_version": str(chosen["version"]) if chosen else ""})
+    tracker.end_run(parent_run_id)
+
+
 def run_search(cfg: UnlearnConfig, opts: SearchOptions, progress: bool = True) -> dict:
     """The whole search; returns the summary written to pareto.json."""
     space = load_space(opts.space)
@@ -207,87 +335,23 @@ def run_search(cfg: UnlearnConfig, opts: SearchOptions, progress: bool = True) -
     name = opts.name or search_name(cfg, opts, space)
     store = open_store(opts.storage, endpoint_url=opts.endpoint_url)
     prefix = f"searches/{name}"
-    ray_uri = _join(opts.storage, "ray")
     tracker = Tracker(opts.tracking_uri, opts.experiment)
-    registry = Registry(opts.tracking_uri, opts.model_name)
+    logger.info("search %s: %d trials of %s over %s", name, opts.trials, space["method"], ", ".join(space["space"]))
 
-    # 1. the base model's shared outputs, once per search (also across resumes)
-    ref_key = f"{prefix}/reference.pt"
-    if store.exists(ref_key):
-        base_passes = 0
-    else:
-        ref = reference_outputs(cfg, targets=True, progress=progress)
-        store.put_bytes(ref_key, ref.to_bytes())
-        base_passes = ref.cache_hits["base_passes"]
-    reference = {"store": opts.storage, "key": ref_key, "endpoint_url": opts.endpoint_url}
+    reference, base_passes = _shared_reference(cfg, opts, store, prefix, progress)
+    ctx = TrialContext(name=name, base=cfg.model_dump(mode="json"), proxy=opts.proxy_integrity,
+                       tracking_uri=tracker.uri, experiment=opts.experiment,
+                       parent_run_id=_parent_run(cfg, opts, name, tracker, store, prefix),
+                       model_name=opts.model_name, workers=opts.workers, gpu=opts.gpu,
+                       ray_storage=_join(opts.storage, "ray", "trials"), reference=reference,
+                       endpoint_url=opts.endpoint_url)
+    points, errors = _points(_tuner(cfg, opts, space, ctx, progress).fit())
 
-    # 2. the parent run (reused when the search resumes)
-    parent_key = f"{prefix}/parent_run.json"
-    if store.exists(parent_key):
-        parent_run_id = store.get_json(parent_key)["run_id"]
-    else:
-        parent_run_id = tracker.start_run(name, params={"space": opts.space, "trials": opts.trials, "workers": opts.workers,
-                                                        "proxy_integrity": opts.proxy_integrity, "searcher": opts.searcher,
-                                                        "config": redact_config(cfg.model_dump(mode="json"))},
-                                          tags={"search": name, "kind": "search"})
-        store.put_json(parent_key, {"run_id": parent_run_id})
-
-    ctx = {"base": cfg.model_dump(mode="json"), "proxy": opts.proxy_integrity, "tracking_uri": tracker.uri,
-           "experiment": opts.experiment, "parent_run_id": parent_run_id, "name": name, "workers": opts.workers,
-           "gpu": opts.gpu, "ray_storage": _join(opts.storage, "ray", "trials"), "reference": reference,
-           "endpoint_url": opts.endpoint_url, "model_name": opts.model_name}
-    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), {"CPU": TRIAL_CPU})
-    path, filesystem = ray_storage(ray_uri, opts.endpoint_url)
-    tuner_path = _join(ray_uri, name) if filesystem is None else _join(path, name)
-    if tune.Tuner.can_restore(tuner_path, storage_filesystem=filesystem):
-        tuner = tune.Tuner.restore(tuner_path, trainable, resume_errored=True, storage_filesystem=filesystem)
-    else:
-        if opts.searcher == "grid":
-            param_space, search_alg, samples = {"point": tune.grid_search(list(opts.grid))}, None, 1
-        else:
-            param_space = to_tune(space)
-            # the config's own settings go first: the search starts from the known-good point
-            search_alg = OptunaSearch(metric=list(OBJECTIVES), mode=list(OBJECTIVES.values()), seed=opts.seed,
-                                      points_to_evaluate=[start_point(cfg, space)])
-            samples = opts.trials
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=samples,
-                                        max_concurrent_trials=_concurrency(opts)),
-            run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,
-                                      verbose=1 if progress else 0),
-        )
-    results = tuner.fit()
-
-    # 3. the trials' points, the proxy front, the full-size re-check of the front
-    points, errors = [], []
-    for r in results:
-        if r.error is not None or not r.metrics or "version" not in r.metrics:
-            errors.append(str(r.error)[:500] if r.error else "no result")
-            continue
-        m = r.metrics
-        params = dict(r.config.get("point") or r.config)
-        points.append({"trial": m.get("trial_id"), "params": params, "sscd": m["sscd"], "integrity": m["integrity"],
-                       "fid": m.get("fid"), "forgotten": bool(m["forgotten"]), "passed": bool(m["passed"]),
-                       "threshold": m.get("threshold"), "version": m["version"], "hotfix": m["hotfix"],
-                       "mlflow_run_id": m["mlflow_run_id"], "scored_on": f"proxy n={m.get('n_integrity')}"})
     threshold = next((p["threshold"] for p in points if p.get("threshold") is not None), None)
     proxy_front = pareto.front(points)
-    hv_proxy = pareto.hypervolume(points, threshold) if threshold else 0.0
     final = proxy_front
     if opts.proxy_integrity is not None and proxy_front:
-        task = ray.remote(num_cpus=0 if opts.gpu else WORKER_CPU, num_gpus=1 if opts.gpu else 0)(recheck)
-        refs = [task.remote(ctx["base"], p["params"], p["hotfix"], reference, ctx["ray_storage"], opts.endpoint_url)
-                for p in proxy_front]
-        rechecked = []
-        for p, result in zip(proxy_front, ray.get(refs)):
-            q = {**p, **{k: v for k, v in _point(result, p["params"]).items() if k != "params"},
-                 "scored_on": f"full n={result['integrity']['n']}", "proxy": {"sscd": p["sscd"], "integrity": p["integrity"]}}
-            for k, v in {**version_tags(result), "scored_on": q["scored_on"]}.items():  # full-size figures replace the proxy's
-                registry.client.set_model_version_tag(registry.name, str(q["version"]), k, v)
-            rechecked.append(q)
-        final = pareto.front(rechecked)
+        final = _recheck_front(proxy_front, ctx, Registry(opts.tracking_uri, opts.model_name))
     min_integrity = cfg.eval.min_integrity_ssim
     chosen = pareto.choose(final, min_integrity)
     summary = {
@@ -295,45 +359,11 @@ def run_search(cfg: UnlearnConfig, opts: SearchOptions, progress: bool = True) -
         "method": space["method"], "trials": points, "errors": errors,
         "front_proxy": proxy_front, "front": final, "chosen": chosen,
         "threshold": threshold, "min_integrity": min_integrity,
-        "hypervolume_proxy": round(hv_proxy, 6),
+        "hypervolume_proxy": round(pareto.hypervolume(points, threshold), 6) if threshold else 0.0,
         "hypervolume": round(pareto.hypervolume(final, threshold), 6) if threshold else 0.0,
-        "base_sampling_passes": base_passes, "mlflow_parent_run_id": parent_run_id,
+        "base_sampling_passes": base_passes, "mlflow_parent_run_id": ctx.parent_run_id,
         "tracking_uri": tracker.uri, "storage": opts.storage, "options": asdict(opts),
     }
-
-    # 4. pareto.json + plot: storage, MLflow parent run, local folder
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        (tmp / "pareto.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        pareto_plot(tmp / "pareto.png", points, final, threshold, min_integrity, chosen,
-                    title=f"{name}: {len(points)} trials, {len(final)} on the front")
-        for f in ("pareto.json", "pareto.png"):
-            store.put_bytes(f"{prefix}/{f}", (tmp / f).read_bytes())
-            tracker.log_figure(parent_run_id, tmp / f)
-            if opts.out_dir:
-                Path(opts.out_dir).mkdir(parents=True, exist_ok=True)
-                (Path(opts.out_dir) / f).write_bytes((tmp / f).read_bytes())
-    tracker.log_metrics(parent_run_id, {"hypervolume": summary["hypervolume"], "front_size": len(final),
-                                        "trials_ok": len(points), "base_sampling_passes": base_passes})
-    tracker.set_tags(parent_run_id, {"pareto_uri": store.uri(f"{prefix}/pareto.json"),
-                                     "chosen_version": str(chosen["version"]) if chosen else ""})
-    tracker.end_run(parent_run_id)
+    _publish(summary, opts, tracker, store, prefix)
     summary["pareto_uri"] = store.uri(f"{prefix}/pareto.json")
     return summary
-
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster of a `ray job submit` job (RAY_ADDRESS), or start a local one."""
-    if ray.is_initialized():
-        return
-    # under `ray job submit` the job's runtime env already reaches the workers, and ray.init
-    # refuses to redefine one of its env vars: pass on only what it lacks
-    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-    given = set(((job.get("runtime_env") or {}).get("env_vars") or {}))
-    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI", "RAY_UNLEARN_S3_ENDPOINT_URL",
-                                      "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                      "AWS_DEFAULT_REGION", "OMP_NUM_THREADS") if k in os.environ and k not in given}
-    kwargs = {"runtime_env": {"env_vars": env}} if env else {}
-    if "RAY_ADDRESS" not in os.environ and num_cpus:
-        kwargs["num_cpus"] = num_cpus
-    ray.init(**kwargs)

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from ray_unlearn.config import load_config
-from ray_unlearn.platform.search import SearchOptions, init_ray, run_search
+from ray_unlearn.platform.cluster import init_ray
+from ray_unlearn.platform.search import SearchOptions, run_search
 from ray_unlearn.search_space import load_space
 
 

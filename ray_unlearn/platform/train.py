@@ -40,9 +40,14 @@ from ray_unlearn.config import UnlearnConfig
 from ray_unlearn.engine import Reference, judge, prepare, train, write_outputs
 from ray_unlearn.evaluate import integrity_seeds
 from ray_unlearn.hashing import content_hash
+from ray_unlearn.platform.models import with_local_model
 from ray_unlearn.storage import open_store, s3_endpoint
 
 STATE_FILE = "loop_state.pt"
+
+
+class TrainingFailed(RuntimeError):
+    """The run failed on every attempt (`max_failures` restarts spent); the message says why."""
 
 
 def _distributed() -> bool:
@@ -173,7 +178,8 @@ def train_loop_per_worker(config: dict) -> dict | None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     every = max(1, int(config.get("checkpoint_every", 10)))
 
-    cfg = UnlearnConfig.model_validate(config["unlearn"])
+    # an s3:// model is downloaded on each node (once: the cache is shared by its workers)
+    cfg = with_local_model(UnlearnConfig.model_validate(config["unlearn"]))
     device = ray.train.torch.get_device()
     # every worker draws its own batches, timesteps and noises (seed + rank): the averaged
     # gradient is that of a world_size times larger batch
@@ -301,9 +307,18 @@ def run_train(cfg: UnlearnConfig, *, num_workers: int = 1, use_gpu: bool = False
         run_config=RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=max_failures)),
     )
-    result = trainer.fit()  # raises ray.train.TrainingFailedError once max_failures is spent
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:  # raised once max_failures is spent
+        raise TrainingFailed(str(err)) from err
     ret = result.return_value or {}
     checkpoint = storage_uri(result.checkpoint.path, filesystem) if result.checkpoint else None
+    # the report as stored: beside the local run's outputs, or (remote storage: out_dir was a
+    # worker's temp dir) in the final checkpoint
+    if local and ret.get("out_dir"):
+        report_uri = str(Path(ret["out_dir"]) / "report.json")
+    else:
+        report_uri = f"{checkpoint}/report.json" if checkpoint else None
     return {
         **result.metrics,
         "name": name,
@@ -312,5 +327,6 @@ def run_train(cfg: UnlearnConfig, *, num_workers: int = 1, use_gpu: bool = False
         "out_dir": ret.get("out_dir"),
         # the hotfix as stored: a folder inside the final checkpoint (local path or s3:// URI)
         "hotfix": f"{checkpoint}/hotfix" if checkpoint else None,
-        "report": ret.get("report"),
+        "report": ret.get("report"),  # the report itself (a dict)
+        "report_uri": report_uri,
     }
