@@ -4,18 +4,14 @@ the shipped demo model's output, a Pareto search on Ray, MLflow on SQLite, the b
     python jobs/demo.py                       # local Ray, everything under runs/demo
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/demo.py --out /shared/demo
 
-Runs from a checkout without the package installed too (the repository root goes on sys.path).
+Runs from a checkout without the package installed too (jobs/_checkout.py).
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-try:
-    import ray_unlearn  # noqa: F401
-except ImportError:  # a checkout (e.g. a job's working_dir) without `pip install`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _checkout  # noqa: F401  (a checkout without an install: see jobs/_checkout.py)
 
 
 def main(argv: list[str] | None = None) -> int:

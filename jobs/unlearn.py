@@ -4,18 +4,14 @@
         python jobs/unlearn.py --config my.yaml --target-seed 7 --workers 2 --gpu --storage s3://bucket/runs --json
 
 Takes exactly the options of `ray-unlearn train` (`python jobs/unlearn.py --help`). Runs from a
-checkout without the package installed too (the repository root goes on sys.path).
+checkout without the package installed too (jobs/_checkout.py).
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-try:
-    import ray_unlearn  # noqa: F401
-except ImportError:  # a checkout (e.g. a job's working_dir) without `pip install`
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import _checkout  # noqa: F401  (a checkout without an install: see jobs/_checkout.py)
 
 
 def main(argv: list[str] | None = None) -> int:
