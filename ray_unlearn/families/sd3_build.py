@@ -161,3 +161,28 @@ SD3_MEDIUM_VAE = dict(
     use_quant_conv=False,
     use_post_quant_conv=False,
 )
+# CLIP-L/14 and OpenCLIP bigG/14 widths as SD3-medium's text_encoder / text_encoder_2 configs have them
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, projection_dim=768)
+CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, projection_dim=1280)
+
+
+def real_sd3_pipeline(num_layers: int = 24, text_layers: int = 1, seed: int = 0, device: str = "cpu") -> StableDiffusion3Pipeline:
+    """SD3-medium's architecture with random weights: its transformer config (`num_layers` of its 24
+    joint blocks), its VAE config, CLIP encoders of its widths (`text_layers` layers each, the tiny
+    tokenizer's vocabulary), no T5. For the real-scale smoke test; nothing is downloaded."""
+    tok = clip_tokenizer(BASE_WORDS + ("ireland",), max_length=77)
+    encoders = []
+    for i, widths in enumerate((CLIP_L, CLIP_G)):
+        torch.manual_seed(seed + i)
+        cfg = CLIPTextConfig(vocab_size=len(tok), num_hidden_layers=text_layers, max_position_embeddings=77,
+                             bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_act="gelu", **widths)
+        encoders.append(CLIPTextModelWithProjection(cfg).eval())
+    torch.manual_seed(seed + 2)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**{**SD3_MEDIUM_TRANSFORMER, "num_layers": num_layers})
+        vae = AutoencoderKL(**SD3_MEDIUM_VAE)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae, text_encoder=encoders[0], tokenizer=tok, text_encoder_2=encoders[1], tokenizer_2=tok,
+        text_encoder_3=None, tokenizer_3=None,
+    )

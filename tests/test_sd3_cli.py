@@ -1,0 +1,98 @@
+"""The sd3 family through the real CLI: a tiny SD3 (fast), the real SD3-medium architecture with
+fewer layers and random weights (slow), and the shipped flag model (slow acceptance run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ray_unlearn.families.sd3 import DEMO_SD3_DIR, LORA_FILE
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "the flag of ireland"
+
+
+def cli(*args, timeout=1800):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "ray_unlearn.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def write_config(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3_dir(tmp_path_factory):
+    from ray_unlearn.families.sd3_build import tiny_sd3_pipeline
+
+    d = tmp_path_factory.mktemp("sd3") / "tiny-sd3"
+    tiny_sd3_pipeline(("the", "flag", "of", "ireland"), seed=0, image_size=32, num_layers=2, heads=2,
+                      vae_blocks=2, max_length=8).save_pretrained(d)
+    return d
+
+
+def small_run(model_dir, tmp_path, **over) -> dict:
+    cfg = {
+        "model": {"family": "sd3", "path": str(model_dir), "sd3": {"max_sequence_length": 4, "guidance_scale": 3.0}},
+        "sampler": {"steps": 2, "batch_size": 4},
+        "targets": [{"seed": 3, "prompt": PROMPT}],
+        "surrogate": {"kind": "sdedit", "strength": 0.6},
+        "remember": {"n": 4},
+        "eval": {"n_integrity": 4, "fid": False},
+        "train": {"steps": 2, "batch_forget": 1, "batch_remember": 2},
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    for key, value in over.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+@pytest.mark.slow  # ~1-4 min on 2 shared cores (metric models load in the subprocess)
+def test_unlearn_tiny_sd3_through_cli(tiny_sd3_dir, tmp_path):
+    conf = write_config(tmp_path / "sd3.yaml", small_run(tiny_sd3_dir, tmp_path))
+    out = tmp_path / "run"
+    res = cli("unlearn", "--config", conf, "--out", out, "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    assert report["base_model"]["family"] == "sd3" and report["base_model"]["prompt"] == PROMPT
+    assert report["config"]["targets"][0]["prompt"] == PROMPT
+    assert 0 < report["base_model"]["trainable"] < report["base_model"]["params"]  # LoRA by default
+    (row,) = report["targets"]
+    assert abs(row["sscd_base"] - 1.0) < 1e-3  # the target IS the base output for (prompt, seed)
+    assert (out / "hotfix" / LORA_FILE).is_file()
+    assert report["integrity"]["n"] == 4 and 0 < report["integrity"]["ssim"] <= 1
+
+
+def test_two_prompts_in_one_run_is_a_clear_error(tiny_sd3_dir, tmp_path):
+    cfg = small_run(tiny_sd3_dir, tmp_path)
+    cfg["targets"] = [{"seed": 3, "prompt": PROMPT}, {"seed": 4, "prompt": "the flag of france"}]
+    res = cli("unlearn", "--config", write_config(tmp_path / "two.yaml", cfg), "--out", tmp_path / "run")
+    assert res.returncode != 0 and "one run per prompt" in res.stderr
+
+
+@pytest.mark.slow
+def test_real_sd3_medium_architecture_one_step_through_cli(tmp_path):
+    """SD3-medium's transformer config (fewer layers, random weights), its 16-channel VAE config, CLIP
+    encoders of the real widths (768 + 1280 = 2048 pooled, padded to 4096): one training step and one
+    sampling step through the CLI on CPU, at 64 px."""
+    from ray_unlearn.families.sd3_build import real_sd3_pipeline
+
+    d = tmp_path / "sd3-medium-1layer"
+    real_sd3_pipeline(num_layers=1).save_pretrained(d)
+    cfg = small_run(d, tmp_path, sampler={"steps": 1, "batch_size": 2}, remember={"n": 2},
+                    eval={"n_integrity": 2, "fid": False, "threshold": "fixed"}, train={"steps": 1, "batch_remember": 1})
+    cfg["model"]["sd3"] = {"max_sequence_length": 4, "resolution": 64}
+    cfg["surrogate"] = {"kind": "flip"}
+    res = cli("unlearn", "--config", write_config(tmp_path / "real.yaml", cfg), "--out", tmp_path / "run", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    assert report["steps"] == 1 and report["base_model"]["family"] == "sd3"
+    assert (tmp_path / "run" / "hotfix" / LORA_FILE).is_file()
