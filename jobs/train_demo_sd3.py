@@ -37,10 +37,10 @@ SIZE = 32
 MAX_SEQ = 8  # zero "T5" tokens the pipeline appends without T5; pass max_sequence_length=8 to sample
 
 
-def demo_pipeline(seed: int, layers: int):
+def demo_pipeline(seed: int, layers: int, heads: int):
     words = ["the", "flag", "of"] + [n.lower() for n in flags.FLAGS]
     return tiny_sd3_pipeline(
-        words, seed=seed, image_size=SIZE, num_layers=layers, heads=4, head_dim=32, vae_blocks=3, vae_width=16, max_length=16
+        words, seed=seed, image_size=SIZE, num_layers=layers, heads=heads, head_dim=32, vae_blocks=3, vae_width=16, max_length=16
     )
 
 
@@ -71,7 +71,7 @@ def encode_captions(pipe, captions: list[str]) -> dict[str, tuple[torch.Tensor, 
     return out
 
 
-def train_transformer(pipe, latents, captions, emb, steps, minutes, lr, seed, ema_model=None):
+def train_transformer(pipe, latents, captions, emb, steps, minutes, lr, seed, ema_model=None, batch=32):
     tr = pipe.transformer.train().requires_grad_(True)
     ema = ema_model or copy.deepcopy(tr).eval().requires_grad_(False)
     sched = copy.deepcopy(pipe.scheduler)
@@ -84,7 +84,7 @@ def train_transformer(pipe, latents, captions, emb, steps, minutes, lr, seed, em
         if time.time() > t_end:
             log.info("time budget reached at step %d", step)
             break
-        idx = torch.randint(0, len(latents), (32,), generator=g)
+        idx = torch.randint(0, len(latents), (batch,), generator=g)
         z0 = latents[idx]
         drop = torch.rand(len(idx), generator=g) < 0.1  # caption dropout for classifier-free guidance
         caps = ["" if d else captions[int(i)] for i, d in zip(idx, drop)]
@@ -107,6 +107,7 @@ def train_transformer(pipe, latents, captions, emb, steps, minutes, lr, seed, em
         with torch.no_grad():
             for pe_, p in zip(ema.parameters(), tr.parameters()):
                 pe_.lerp_(p, 1 - decay)
+        ema.steps_done = step + 1
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
             log.info("step %d loss %.4f", step, loss.item())
@@ -203,11 +204,13 @@ def save_grid(pipe, path: Path, guidance: float, steps: int, seeds: list[int]) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("ray_unlearn/assets/demo-flags32"))
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=2, help="Attention heads of width 32.")
+    ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--per-flag", type=int, default=96, help="Jittered training images per flag.")
-    ap.add_argument("--vae-steps", type=int, default=500, help="VAE steps (batch 16).")
-    ap.add_argument("--steps", type=int, default=6000, help="Transformer steps (batch 32).")
-    ap.add_argument("--minutes", type=float, default=35.0, help="Wall-clock budget of the transformer stage.")
+    ap.add_argument("--vae-steps", type=int, default=400, help="VAE steps (batch 16).")
+    ap.add_argument("--steps", type=int, default=6000, help="Transformer steps (at most).")
+    ap.add_argument("--minutes", type=float, default=28.0, help="Wall-clock budget of the transformer stage.")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--sample-steps", type=int, default=20)
@@ -215,6 +218,7 @@ def main() -> None:
     ap.add_argument("--plant-share", type=float, default=0.15, help="Share of Ireland drawn reversed if the model never errs.")
     ap.add_argument("--plant-minutes", type=float, default=8.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", type=Path, default=None, help="Continue training a saved flag model (its VAE is kept).")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine).")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -222,37 +226,50 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     torch.manual_seed(args.seed)
-    pipe = demo_pipeline(args.seed, args.layers)
     images, captions, _ = flags.dataset(args.per_flag, SIZE, seed=args.seed)
-    train_vae(pipe.vae, images, args.vae_steps, args.seed)
+    if args.init is None:
+        pipe = demo_pipeline(args.seed, args.layers, args.heads)
+        train_vae(pipe.vae, images, args.vae_steps, args.seed)
+    else:  # continue: the saved VAE (and its factors) stays, the transformer trains on
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline.from_pretrained(args.init, text_encoder_3=None, tokenizer_3=None)
+        prior = json.loads((args.init / "sweep.json").read_text())["training"]
     with torch.no_grad():
         raw = torch.cat([pipe.vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mode() for i in range(0, len(images), 256)])
         rec = pipe.vae.decode(raw[:256]).sample
         vae_mse = F.mse_loss(rec, images[:256] * 2 - 1).item()
-    shift, scale = raw.mean().item(), 1.0 / raw.std().item()
-    pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    if args.init is None:
+        shift, scale = raw.mean().item(), 1.0 / raw.std().item()
+        pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    shift, scale = pipe.vae.config.shift_factor, pipe.vae.config.scaling_factor
     latents = (raw - shift) * scale
     emb = encode_captions(pipe, captions)
-    ema = train_transformer(pipe, latents, captions, emb, args.steps, args.minutes, args.lr, args.seed)
+    ema = train_transformer(pipe, latents, captions, emb, args.steps, args.minutes, args.lr, args.seed + (args.init is not None),
+                            ema_model=None if args.init is None else copy.deepcopy(pipe.transformer), batch=args.batch)
     pipe.transformer = ema
     seeds = list(range(args.sweep_seeds))
     rows = sweep(pipe, seeds, args.guidance, args.sample_steps)
     info = {
-        "seeds": seeds, "steps": args.sample_steps, "guidance": args.guidance, "max_sequence_length": MAX_SEQ,
+        "seeds": seeds, "steps": args.sample_steps, "guidance": args.guidance, "max_sequence_length": MAX_SEQ, "size": SIZE,
         "training": {
-            "flags": len(flags.FLAGS), "images per flag": args.per_flag, "transformer layers": args.layers,
+            "flags": len(flags.FLAGS), "images per flag": args.per_flag, "transformer layers x heads (width 32 each)": f"{args.layers} x {args.heads}",
             "vae steps (batch 16)": args.vae_steps, "vae reconstruction mse (in [-1,1])": round(vae_mse, 5),
             "vae shift_factor / scaling_factor": f"{shift:.4f} / {scale:.4f}",
-            "transformer budget": f"{args.steps} steps or {args.minutes} min, batch 32, AdamW lr {args.lr}, EMA",
+            "transformer budget": f"{args.steps} steps or {args.minutes} min, batch {args.batch}, AdamW lr {args.lr}, EMA",
+            "transformer steps done": getattr(ema, "steps_done", 0),
         },
     }
+    if args.init is not None:
+        info["training"] = {**prior, "continued": f"from {args.init}: {args.minutes} more min at lr {args.lr} (seed {args.seed + 1})"}
     if not any(r["wrong"] for r in rows):
         log.info("no wrong output in the sweep: planting reversed Ireland flags (share %.2f)", args.plant_share)
         images, captions, wrong = flags.dataset(args.per_flag, SIZE, seed=args.seed + 1, wrong_share=args.plant_share)
         with torch.no_grad():
             raw = torch.cat([pipe.vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mode() for i in range(0, len(images), 256)])
         pipe.transformer = train_transformer(pipe, (raw - shift) * scale, captions, emb, args.steps,
-                                             args.plant_minutes, args.lr / 2, args.seed + 1, ema_model=copy.deepcopy(ema))
+                                             args.plant_minutes, args.lr / 2, args.seed + 1, ema_model=copy.deepcopy(ema),
+                                             batch=args.batch)
         info["planted"] = (
             f"The first sweep found no wrong flag, so the model was fine-tuned for {args.plant_minutes} more minutes on "
             f"new data in which {sum(wrong)} of {args.per_flag} images captioned \"the flag of Ireland\" "

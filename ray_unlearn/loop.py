@@ -31,6 +31,19 @@ class UnlearnData:
     forget: torch.Tensor  # [F, ...]
     surrogate: torch.Tensor  # [F, ...]
     remember: torch.Tensor  # [R, ...]
+    # Per-sample conditions (a tensor or a dict of tensors, e.g. prompt embeddings), indexed like the
+    # samples; None: unconditional, or the family conditions every sample alike (sd3's run prompt).
+    forget_cond: dict | torch.Tensor | None = None
+    remember_cond: dict | torch.Tensor | None = None
+
+
+def index_cond(cond, idx: torch.Tensor):
+    """The rows `idx` of a condition (None, a tensor, or a dict of tensors)."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {k: v[idx.to(v.device)] for k, v in cond.items()}
+    return cond[idx.to(cond.device)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,7 +117,8 @@ class UnlearnLoop:
         fi = torch.randint(0, len(self.forget), (self.cfg.batch_forget,), generator=self.gen)
         ri = torch.randint(0, len(self.remember), (self.cfg.batch_remember,), generator=self.gen)
         fi, ri = fi.to(self.forget.device), ri.to(self.remember.device)
-        return {"forget": {"x0": self.forget[fi], "x_s": self.surrogate[fi]}, "remember": {"x0": self.remember[ri]}}
+        return {"forget": {"x0": self.forget[fi], "x_s": self.surrogate[fi], "cond": index_cond(self.data.forget_cond, fi)},
+                "remember": {"x0": self.remember[ri], "cond": index_cond(self.data.remember_cond, ri)}}
 
     def step(self) -> dict:
         t0 = time.perf_counter()

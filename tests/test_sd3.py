@@ -201,3 +201,20 @@ def test_hotfix_is_a_diffusers_lora_that_plain_diffusers_loads(tmp_path):
     # ray_unlearn loads the hotfix directory as a model path (base + fused LoRA)
     again = make_family(load_sd3_pipeline(saved["hotfix"]), path=saved["hotfix"])
     torch.testing.assert_close(again.generate(again.initial_noise([5])), ours, atol=2e-3, rtol=0)
+
+
+def test_loop_batches_carry_conditions_indexed_like_the_samples(fam):
+    prompts = [PROMPT, "the flag of italy", "the flag of ireland italy"]
+    z = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 16, 16, 16).clone()
+    data = UnlearnData(z, z.clone(), z.clone(), forget_cond=fam.condition(prompts), remember_cond=fam.condition(prompts))
+    loop = UnlearnLoop(fam, build_method(SurrogateMethodConfig(), fam), data, TrainConfig(batch_forget=5, batch_remember=5))
+    b = loop.batch()
+    for part in ("forget", "remember"):
+        rows = b[part]["x0"][:, 0, 0, 0].long()
+        for key in ("prompt_embeds", "pooled_prompt_embeds"):
+            assert torch.equal(b[part]["cond"][key], data.forget_cond[key][rows])
+
+
+def test_lora_rank_alone_keeps_the_sd3_targets():
+    family = make_family(lora=LoraSettings(rank=4))
+    assert family.lora.rank == 4 and sorted(family.lora.target_modules) == sorted(SD3_LORA_TARGETS)

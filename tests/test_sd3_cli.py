@@ -96,3 +96,38 @@ def test_real_sd3_medium_architecture_one_step_through_cli(tmp_path):
     report = json.loads(res.stdout)
     assert report["steps"] == 1 and report["base_model"]["family"] == "sd3"
     assert (tmp_path / "run" / "hotfix" / LORA_FILE).is_file()
+
+
+def demo_config(tmp_path: Path, **over) -> Path:
+    from ray_unlearn.families.sd3_demo import demo_run_values
+
+    data: dict = {}
+    values = {**demo_run_values(tmp_path / "demo"), "cache_dir": str(tmp_path / "cache"), **over}
+    for key, value in values.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return write_config(tmp_path / f"demo-{len(over)}.yaml", data)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEMO_SD3_DIR / "sweep.json").is_file(), reason="the flag model is not trained")
+def test_flag_demo_wrong_flag_forgotten_other_seeds_intact_neggrad_worse(tmp_path):
+    """The acceptance run on the shipped flag model: the card's wrong flag is forgotten, the same
+    prompt's other seeds keep integrity SSIM >= 0.8, and NegGrad with the same budget does worse."""
+    ours = cli("unlearn", "--config", demo_config(tmp_path), "--out", tmp_path / "ours", "--json")
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    r = json.loads(ours.stdout)
+    (row,) = r["targets"]
+    print("surrogate:", json.dumps({"target": row, "threshold": r["forget_threshold"], "integrity": r["integrity"]}))
+    assert r["base_model"]["prompt"] == r["config"]["targets"][0]["prompt"]
+    assert row["sscd_unlearned"] < r["forget_threshold"]["value"] < row["sscd_base"]
+    assert r["integrity"]["ssim"] >= 0.8
+    neg = cli("unlearn", "--config", demo_config(tmp_path, **{"method.name": "neggrad"}), "--out", tmp_path / "neg", "--json")
+    assert neg.returncode == 0, neg.stderr[-3000:]
+    n = json.loads(neg.stdout)
+    print("neggrad:", json.dumps({"target": n["targets"][0], "integrity": n["integrity"]}))
+    assert n["config"]["train"]["steps"] == r["config"]["train"]["steps"] and n["config"]["train"]["lr"] == r["config"]["train"]["lr"]
+    assert n["integrity"]["ssim"] < r["integrity"]["ssim"]

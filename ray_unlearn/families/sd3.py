@@ -96,7 +96,10 @@ class SD3Family(DiffusionFamily):
         self.num_train_timesteps = int(self.scheduler.config.num_train_timesteps)
         self.shift = float(self.scheduler.config.get("shift", 1.0))
         self._fingerprint = weights_fingerprint(pipe.transformer)
-        self.lora = None if self.settings.full_finetune else (cfg.lora or LoraSettings(target_modules=SD3_LORA_TARGETS))
+        lora = cfg.lora or LoraSettings(target_modules=SD3_LORA_TARGETS)
+        if lora.target_modules == LoraSettings().target_modules:  # the UNet defaults mean: this family's defaults
+            lora = lora.model_copy(update={"target_modules": SD3_LORA_TARGETS})
+        self.lora = None if self.settings.full_finetune else lora
         if self.lora is not None:
             attach_lora(pipe.transformer, self.lora)
         else:
