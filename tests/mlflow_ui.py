@@ -21,6 +21,8 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import procs
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars"]
@@ -75,9 +77,9 @@ def render(url: str, screenshot: Path | None = None, size: str = "1600,1000", wa
     with tempfile.TemporaryDirectory() as profile:
         base = [exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size}",
                 f"--virtual-time-budget={wait_ms}"]
-        dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+        dom = procs.run([*base, "--dump-dom", url], timeout=180).stdout
         if screenshot is not None:
-            subprocess.run([*base, f"--screenshot={Path(screenshot).resolve()}", url], capture_output=True, timeout=180)
+            procs.run([*base, f"--screenshot={Path(screenshot).resolve()}", url], timeout=180)
     return dom
 
 

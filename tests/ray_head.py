@@ -38,6 +38,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import procs
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,10 +206,12 @@ def submit(head: RayHead, script: str, *args: str, timeout: float = 900,
            "--working-dir", str(REPO), "--runtime-env-json", json.dumps(runtime_env),
            "--", "python", script, *args]
     try:
-        r = subprocess.run(cmd, env=head.env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        r = procs.run(cmd, env=head.env, cwd=REPO, timeout=timeout)
     except subprocess.TimeoutExpired as err:
+        # the client is gone (procs.run killed it); the job itself runs on the head: stop it too
+        procs.run([str(BIN / "ray"), "job", "stop", "--address", head.address, job_id], env=head.env, timeout=120)
         out = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
-        return 124, f"{out}\n[submit timed out after {timeout:.0f} s; job {job_id}]"
+        return 124, f"{out}\n[submit timed out after {timeout:.0f} s; job {job_id} stopped]"
     return r.returncode, r.stdout + r.stderr
 
 

@@ -2,10 +2,10 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import procs
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -13,8 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def cli(*args, timeout=900, cwd=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "ray_unlearn.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=cwd)
+    return procs.run([sys.executable, "-m", "ray_unlearn.cli", *map(str, args)], timeout=timeout, env=env, cwd=cwd)
 
 
 def lpips_resolvable() -> bool:
@@ -105,5 +104,5 @@ def test_demo_end_to_end_surrogate_forgets_neggrad_damages(tmp_path):
         "img = p(batch_size=2, num_inference_steps=10, generator=torch.manual_seed(0), output_type='np').images\n"
         "assert img.shape == (2, 32, 32, 1) and img.std() > 0.05, img.shape\nprint('generated', img.shape)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    res = procs.run([sys.executable, "-c", code], timeout=300)
     assert res.returncode == 0 and "generated" in res.stdout, res.stderr[-2000:]

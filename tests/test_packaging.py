@@ -11,6 +11,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import procs
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -18,15 +19,9 @@ SOURCES = ("pyproject.toml", "README.md", "ray_unlearn", "search_spaces")
 
 
 def _run(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:  # timed out (or interrupted): never leave it running
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{out[-4000:]}"
-    return subprocess.CompletedProcess(cmd, proc.returncode, out)
+    res = procs.run(cmd, timeout=timeout, stderr=subprocess.STDOUT, **kw)
+    assert res.returncode == 0, f"{' '.join(map(str, cmd))} exited {res.returncode}:\n{res.stdout[-4000:]}"
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +51,8 @@ def _names(whl: Path) -> set[str]:
 def test_wheel_carries_every_module_the_search_spaces_and_the_demo_model(wheel):
     names = _names(wheel)
     modules = {p.relative_to(REPO).as_posix() for p in (REPO / "ray_unlearn").rglob("*.py") if "__pycache__" not in p.parts}
-    assert modules - names == set(), "modules missing from the wheel (a subpackage not listed in pyproject.toml?)"
+    missing = sorted(modules - names)
+    assert not missing, f"not in the wheel: {missing} (a new subpackage? list it in pyproject.toml's packages)"
     spaces = {f"ray_unlearn/search_spaces/{p.name}" for p in (REPO / "search_spaces").glob("*.yaml")}
     assert spaces and spaces <= names
     assets = {p.relative_to(REPO).as_posix() for p in (REPO / "ray_unlearn" / "assets").rglob("*") if p.is_file()}

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import procs
 import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
@@ -134,8 +135,7 @@ def test_child_run_from_another_process(uri, tmp_path):
     )
     env = {**os.environ, "MLFLOW_EXPERIMENT_ID": "0", "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tracker.pkl"), parent], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = procs.run([sys.executable, "-c", code, str(tmp_path / "tracker.pkl"), parent], cwd=cwd, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     child = MlflowClient(tracking_uri=uri).get_run(out.stdout.strip().splitlines()[-1])
     assert child.info.experiment_id == tracker.experiment_id
