@@ -44,12 +44,17 @@ def demo_pipeline(seed: int, layers: int, heads: int):
     )
 
 
-def train_vae(vae, images: torch.Tensor, steps: int, seed: int) -> None:
+def train_vae(vae, images: torch.Tensor, steps: int, seed: int, minutes: float = float("inf"), batch: int = 16) -> int:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     vae.train()
+    t_end = time.time() + minutes * 60
+    step = 0
     for step in tqdm(range(steps), desc="vae"):
-        idx = torch.randint(0, len(images), (16,), generator=g)
+        if time.time() > t_end:
+            log.info("vae time budget reached at step %d", step)
+            break
+        idx = torch.randint(0, len(images), (batch,), generator=g)
         x = images[idx] * 2 - 1
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
@@ -60,6 +65,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, seed: int) -> None:
         if step % 200 == 0:
             log.info("vae step %d mse %.5f", step, F.mse_loss(rec, x).item())
     vae.eval().requires_grad_(False)
+    return step
 
 
 @torch.no_grad()
@@ -208,7 +214,9 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=2, help="Attention heads of width 32.")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--per-flag", type=int, default=96, help="Jittered training images per flag.")
-    ap.add_argument("--vae-steps", type=int, default=400, help="VAE steps (batch 16).")
+    ap.add_argument("--vae-steps", type=int, default=400, help="VAE steps (at most).")
+    ap.add_argument("--vae-minutes", type=float, default=20.0, help="Wall-clock budget of the VAE stage.")
+    ap.add_argument("--vae-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=6000, help="Transformer steps (at most).")
     ap.add_argument("--minutes", type=float, default=28.0, help="Wall-clock budget of the transformer stage.")
     ap.add_argument("--lr", type=float, default=5e-4)
@@ -229,12 +237,13 @@ def main() -> None:
     images, captions, _ = flags.dataset(args.per_flag, SIZE, seed=args.seed)
     if args.init is None:
         pipe = demo_pipeline(args.seed, args.layers, args.heads)
-        train_vae(pipe.vae, images, args.vae_steps, args.seed)
+        vae_steps = train_vae(pipe.vae, images, args.vae_steps, args.seed, args.vae_minutes, args.vae_batch)
     else:  # continue: the saved VAE (and its factors) stays, the transformer trains on
         from diffusers import StableDiffusion3Pipeline
 
         pipe = StableDiffusion3Pipeline.from_pretrained(args.init, text_encoder_3=None, tokenizer_3=None)
         prior = json.loads((args.init / "sweep.json").read_text())["training"]
+        vae_steps = 0
     with torch.no_grad():
         raw = torch.cat([pipe.vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mode() for i in range(0, len(images), 256)])
         rec = pipe.vae.decode(raw[:256]).sample
@@ -254,7 +263,7 @@ def main() -> None:
         "seeds": seeds, "steps": args.sample_steps, "guidance": args.guidance, "max_sequence_length": MAX_SEQ, "size": SIZE,
         "training": {
             "flags": len(flags.FLAGS), "images per flag": args.per_flag, "transformer layers x heads (width 32 each)": f"{args.layers} x {args.heads}",
-            "vae steps (batch 16)": args.vae_steps, "vae reconstruction mse (in [-1,1])": round(vae_mse, 5),
+            "vae steps done": f"{vae_steps} of {args.vae_steps} (batch {args.vae_batch}, budget {args.vae_minutes} min)", "vae reconstruction mse (in [-1,1])": round(vae_mse, 5),
             "vae shift_factor / scaling_factor": f"{shift:.4f} / {scale:.4f}",
             "transformer budget": f"{args.steps} steps or {args.minutes} min, batch {args.batch}, AdamW lr {args.lr}, EMA",
             "transformer steps done": getattr(ema, "steps_done", 0),
