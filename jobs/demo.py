@@ -4,21 +4,10 @@ the shipped demo model's output, a Pareto search on Ray, MLflow on SQLite, the b
     python jobs/demo.py                       # local Ray, everything under runs/demo
     ray job submit --address http://HEAD:8265 --working-dir . -- python jobs/demo.py --out /shared/demo
 
-Runs from a checkout without the package installed too (jobs/_checkout.py).
+Runs from a checkout without the package installed too (jobs/_cli.py).
 """
 
-from __future__ import annotations
-
-import sys
-
-import _checkout  # noqa: F401  (a checkout without an install: see jobs/_checkout.py)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ray_unlearn.cli import run_command
-
-    return run_command("demo", sys.argv[1:] if argv is None else argv, "jobs/demo.py")
-
+from _cli import run_cli  # (jobs/_cli.py: also finds the package in a bare checkout)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("demo", "jobs/demo.py")

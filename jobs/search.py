@@ -5,21 +5,10 @@
             --storage s3://bucket/ray-unlearn --tracking-uri http://mlflow:5000 --promote
 
 Takes exactly the options of `ray-unlearn search` (`python jobs/search.py --help`). Runs from a
-checkout without the package installed too (jobs/_checkout.py).
+checkout without the package installed too (jobs/_cli.py).
 """
 
-from __future__ import annotations
-
-import sys
-
-import _checkout  # noqa: F401  (a checkout without an install: see jobs/_checkout.py)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ray_unlearn.cli import run_command
-
-    return run_command("search", sys.argv[1:] if argv is None else argv, "jobs/search.py")
-
+from _cli import run_cli  # (jobs/_cli.py: also finds the package in a bare checkout)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("search", "jobs/search.py")

@@ -4,21 +4,10 @@
         python jobs/unlearn.py --config my.yaml --target-seed 7 --workers 2 --gpu --storage s3://bucket/runs --json
 
 Takes exactly the options of `ray-unlearn train` (`python jobs/unlearn.py --help`). Runs from a
-checkout without the package installed too (jobs/_checkout.py).
+checkout without the package installed too (jobs/_cli.py).
 """
 
-from __future__ import annotations
-
-import sys
-
-import _checkout  # noqa: F401  (a checkout without an install: see jobs/_checkout.py)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from ray_unlearn.cli import run_command
-
-    return run_command("train", sys.argv[1:] if argv is None else argv, "jobs/unlearn.py")
-
+from _cli import run_cli  # (jobs/_cli.py: also finds the package in a bare checkout)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli("train", "jobs/unlearn.py")
