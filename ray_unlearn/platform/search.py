@@ -41,7 +41,7 @@ from ray_unlearn.platform.registry import Registry
 from ray_unlearn.platform.tracking import Tracker
 from ray_unlearn.platform.train import ray_storage, run_train
 from ray_unlearn.search_space import load_space
-from ray_unlearn.storage import open_store
+from ray_unlearn.storage import DEFAULT_STORE, open_store
 from ray_unlearn.viz import pareto_plot
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class SearchOptions:
     workers: int = 1  # Ray Train workers per trial (one per GPU)
     gpu: bool = False
     proxy_integrity: int | None = 16  # trials score on this many integrity seeds; None: full size
-    storage: str = "./ray_unlearn_store"
+    storage: str = DEFAULT_STORE  # a folder or s3://bucket/prefix
     endpoint_url: str | None = None
     tracking_uri: str | None = None
     experiment: str = "ray-unlearn"
