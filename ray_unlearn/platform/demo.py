@@ -7,6 +7,7 @@ shipped demo model, no network.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from ray_unlearn.platform.promotion import PromotionRefused
 from ray_unlearn.platform.registry import Registry
 from ray_unlearn.requests.queue import Queue
 from ray_unlearn.storage import open_store
+
+logger = logging.getLogger(__name__)
 
 DEMO_SEED = 7  # the demo model's output for seed 7 is "the face" a user asks to remove
 
@@ -38,6 +41,8 @@ def run_demo(out: str | Path = "runs/demo", trials: int = 6, space: str = "demo"
         fam = load_family(base_cfg, lora=False)
         save_image(fam.generate(fam.initial_noise([seed]))[0], png)
     record, new = Queue(open_store(store_uri)).submit(png, seed=seed, note="demo: 'your model generates my face: remove it'")
+    logger.info("deletion request %s (%s): the demo model's output for seed %d", record.id,
+                "new" if new else "already queued", seed)
 
     # 2. the search for the settings that forget it while changing the model least
     cfg = load_config(None, list(sets), base={"targets": [{"image": str(png), "seed": seed}]})
@@ -45,6 +50,7 @@ def run_demo(out: str | Path = "runs/demo", trials: int = 6, space: str = "demo"
     opts = SearchOptions(space=space, trials=trials, storage=store_uri, tracking_uri=tracking,
                          proxy_integrity=proxy_integrity, out_dir=str(root))
     summary = run_search(cfg, opts, progress=progress)
+    logger.info("search done: %d trials, %d on the front", len(summary["trials"]), len(summary["front"]))
 
     # 3. the hotfix to ship: the most intact front point within the integrity bound
     promoted, refused = None, None
