@@ -4,7 +4,8 @@
         python jobs/process_requests.py --store s3://bucket/unlearn --tracking-uri http://mlflow:5000 --limit 8
 
 Takes exactly the options of `ray-unlearn requests process` (`python jobs/process_requests.py --help`);
-exit status 3 when some requests went back to pending. Runs from a checkout without the package
+exit statuses as in ray_unlearn/exit_codes.py (0 ok, 1 a request failed, 2 bad usage, 3 a gate
+refused, 4 storage/MLflow/Ray trouble). Runs from a checkout without the package
 installed too (the repository root goes on sys.path).
 """
 

@@ -2,42 +2,72 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import tempfile
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ray_unlearn.config import RememberConfig, TargetSpec
 from ray_unlearn.hashing import content_hash
 from ray_unlearn.families.base import DiffusionFamily
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-MAX_PIXELS = 64_000_000  # a decompression bomb is refused before it is decoded
+# The one pixel limit of every decoded image (target files, submitted requests, a batch's
+# pictures), checked from the header before any pixel is decoded (a decompression bomb costs nothing).
+# Below Pillow's own bomb limit (89.5 M), so Pillow's never speaks first.
+MAX_PIXELS = 40_000_000
 
 
 class ImageError(ValueError):
     pass
 
 
+@contextlib.contextmanager
+def open_image(data: bytes, *, formats: list[str] | None = None, what: str = "the image") -> Iterator[Image.Image]:
+    """An opened, not yet decoded, image whose pixel count is within MAX_PIXELS (only the given
+    formats' parsers run). Pillow's own errors pass through for the caller to word."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # MAX_PIXELS is checked below instead
+        try:
+            im = Image.open(io.BytesIO(data), formats=formats)
+        except Image.DecompressionBombError:
+            raise ImageError(f"{what} has far more pixels than the limit of {MAX_PIXELS:,}: send it smaller") from None
+    with im:
+        if im.width * im.height > MAX_PIXELS:
+            raise ImageError(f"{what} is {im.width}x{im.height} = {im.width * im.height:,} pixels; the limit is "
+                             f"{MAX_PIXELS:,}: send it smaller")
+        yield im
+
+
+def decode_image(data: bytes, *, formats: list[str] | None = None, what: str = "the image") -> Image.Image:
+    """The one decoder: pixel limit from the header, then decode, then the EXIF orientation applied
+    (the picture as its owner sees it)."""
+    with open_image(data, formats=formats, what=what) as im:
+        im.load()  # a truncated or corrupt pixel stream fails here
+        return ImageOps.exif_transpose(im)
+
+
 def load_image(path: str | Path) -> torch.Tensor:
     """A float CHW tensor in [0,1] (RGB, or one channel for grey files); clear errors otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path} is a directory: give the image file inside it")
     if not path.is_file():
         raise ImageError(f"image not found: {path}")
     if path.stat().st_size == 0:
         raise ImageError(f"{path} is empty")
     try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ImageError(f"{path} is {im.width}x{im.height}; over the {MAX_PIXELS:,}-pixel limit")
-            im.load()
-            grey = im.mode in ("L", "I", "I;16", "F", "1", "LA")
-            im = im.convert("L" if grey else "RGB")
-            arr = np.asarray(im, dtype=np.float32) / 255.0
+        im = decode_image(path.read_bytes(), what=str(path))
+        grey = im.mode in ("L", "I", "I;16", "F", "1", "LA")
+        arr = np.asarray(im.convert("L" if grey else "RGB"), dtype=np.float32) / 255.0
     except ImageError:
         raise
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as err:

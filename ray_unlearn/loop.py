@@ -76,6 +76,16 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+class DivergedError(FloatingPointError):
+    """Training produced a non-finite loss or gradient: the loop stops at that step, before the
+    optimizer applies it, and nothing trained from it may be saved or shipped."""
+
+    def __init__(self, step: int, kind: str, quantity: str, settings: str):
+        self.step, self.kind, self.quantity, self.settings = step, kind, quantity, settings
+        super().__init__(f"diverged ({kind} at step {step}): {quantity} is not finite ({settings}); "
+                         "lower train.lr (and keep train.max_grad_norm set), then run again")
+
+
 def materialize(logs: dict) -> dict[str, float]:
     """Logs as floats: values may be floats or 0-dim tensors (methods log detached tensors so a step
     costs no host sync); all tensors come to the host in ONE transfer, once per report."""
@@ -134,6 +144,7 @@ class UnlearnLoop:
             g_r = [g / self.cfg.grad_accum for g in g_r]
         g_f, g_r = self.reduce(g_f), self.reduce(g_r)
         grads, combine_logs = self.method.combine(g_f, g_r)
+        self._check_finite({**logs, **combine_logs}, grads)
         for p, g in zip(self.params, grads):
             p.grad = g.to(p.dtype)
         if self.cfg.max_grad_norm is not None:
@@ -144,6 +155,17 @@ class UnlearnLoop:
         logs.update(combine_logs)
         logs["step_seconds"] = time.perf_counter() - t0
         return logs
+
+    def _check_finite(self, logs: dict, grads: Grads) -> None:
+        """Raise DivergedError at the first non-finite logged loss or combined gradient."""
+        values = {f"the logged {k!r}": torch.as_tensor(v, dtype=torch.float32) for k, v in logs.items()}
+        values["the combined gradient"] = torch.stack([g.detach().float().norm() for g in grads])
+        for what, v in values.items():
+            if not bool(torch.isfinite(v).all()):
+                c = self.cfg
+                raise DivergedError(self.step_count + 1, "NaN" if bool(torch.isnan(v).any()) else "inf", what,
+                                    f"method {self.method.name}, lr {c.lr}, optimizer {c.optimizer}, "
+                                    f"max_grad_norm {c.max_grad_norm}, steps {c.steps}")
 
     def run(self, report: Report | None = None, progress: bool = True) -> dict:
         logs: dict = {}

@@ -1,7 +1,8 @@
 """The deletion-request batch processor: descriptors, the commit protocol, a batch end to end on a
 tiny model, crash points, SIGKILL at random moments, two processors at once, and the demo model.
 
-The tiny-model runs loosen the gates (fixed threshold 0.999, integrity bound 0) so that the
+The tiny-model runs loosen the gates (fixed threshold 0.999, integrity bound 0, and the operator
+override `--train-unproduced`: their random pictures are not the tiny model's outputs) so that the
 protocol, not forgetting, is under test; the demo test uses the real gates.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing
+import logging
 import os
 import random
 import signal
@@ -184,7 +185,7 @@ def test_advance_follows_the_lineage_and_refuses_a_hand_rollback(tmp_path):
         lin.advance()
 
 
-def test_materialize_downloads_an_s3_model_once_and_the_engine_loads_it(moto_s3, tiny_model_dir, tmp_path):
+def test_materialize_downloads_an_s3_model_once_and_the_engine_loads_the_copy(moto_s3, tiny_model_dir, tmp_path):
     import uuid
 
     from conftest import BUCKET
@@ -201,22 +202,59 @@ def test_materialize_downloads_an_s3_model_once_and_the_engine_loads_it(moto_s3,
     assert [p.name for p in (tmp_path / "c").iterdir()] == [first.name]  # no temp folder left behind
     (first / "marker").write_text("cached")  # a second call does not download again
     assert (materialize(uri, tmp_path / "c") / "marker").is_file()
-    fam = load_family(load_config(None, [f"model.path={uri}", f"cache_dir={tmp_path / 'c2'}", "train.device=cpu"]))
-    assert fam.channels == 1 and (tmp_path / "c2" / "models").is_dir()
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", "train.device=cpu"])
+    fam = load_family(cfg, model_path=str(materialize(uri, tmp_path / "c2")))  # the engine loads local paths
+    assert fam.channels == 1 and (tmp_path / "c2").is_dir()
     with pytest.raises(KeyError):
         materialize(f"s3://{BUCKET}/nothing-here-{uuid.uuid4().hex[:8]}", tmp_path / "c")
 
 
 # ---- a batch end to end (tiny model, in process) --------------------------------------------------
 
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 def _process(store, cfg, uri, name, **kw):
-    """One batch in this process; cfg None: the serving version's stored settings."""
+    """One batch in this process; cfg None: the serving version's stored settings. (outcome,
+    the log lines of ray_unlearn)."""
     from ray_unlearn.requests.process import Processor
 
-    lines: list[str] = []
-    out = Processor(str(store), tracking_uri=uri, model_name=name, config_path=cfg and str(cfg), log=lines.append,
-                    **kw).run()
-    return out, lines
+    kw.setdefault("train_unproduced", True)  # random pictures: see the module docstring
+    handler, pkg = _Lines(), logging.getLogger("ray_unlearn")
+    level = pkg.level
+    pkg.addHandler(handler)
+    pkg.setLevel(logging.INFO)
+    try:
+        out = Processor(str(store), tracking_uri=uri, model_name=name, config_path=cfg and str(cfg), **kw).run()
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(level)
+    return out, handler.lines
+
+
+def wait_for(condition, what: str, timeout: float = 60.0, every: float = 0.05):
+    """Poll `condition()` until it is truthy; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def leases_expired(store) -> bool:
+    """No request of `store` is claimed under a live lease (a dead run's leases have run out)."""
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc)
+    return not [r for r in Queue(open_store(store)).list("claimed") if r.lease_expires_at > now]
 
 
 def test_batch_applies_good_requests_fails_bad_ones_and_keeps_evidence(tiny_model_dir, tmp_path):
@@ -234,7 +272,7 @@ def test_batch_applies_good_requests_fails_bad_ones_and_keeps_evidence(tiny_mode
 
     out, lines = _process(store, cfg, uri, name, limit=10)
     results = {r["id"]: r for r in out.requests}
-    assert out.status == "promoted" and out.version == 1 and out.exit_code == 0, lines
+    assert out.status == "promoted" and out.version == 1 and out.exit_code == 1, lines  # 1: some failed
     assert {rid for rid, r in results.items() if r["result"] == "done"} == {*good, seedless}, (results, lines)
     assert "truncated or corrupt" in results[corrupt]["reason"]
     assert "not the submitted picture" in results[altered]["reason"]
@@ -270,7 +308,7 @@ def test_batch_applies_good_requests_fails_bad_ones_and_keeps_evidence(tiny_mode
     from ray_unlearn.requests.cli import requests_app
 
     shown = CliRunner().invoke(requests_app, ["show", good[0], "--store", str(store)])
-    assert shown.exit_code == 0 and "sscd_new:" in shown.output and "base64 chars>" in shown.output
+    assert shown.exit_code == 0 and "sscd_new" in shown.output and "base64 chars>" in shown.output
     assert e["descriptor"]["b64"] not in shown.output
 
 
@@ -311,16 +349,23 @@ def test_a_rolled_back_request_leaves_the_committed_figures_those_of_the_shipped
 
 def test_a_lost_lease_stops_the_batch_and_ships_nothing(tiny_model_dir, tmp_path, monkeypatch):
     from ray_unlearn import engine
+    from ray_unlearn.requests import process
 
     store, uri, name = tmp_path / "store", f"sqlite:///{tmp_path}/mlflow.db", "tiny"
     ids = submit(store, [51, 52])
-    real = engine.train
+    real, keepers = engine.train, []
+
+    class Keeper(process.LeaseKeeper):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            keepers.append(self)
 
     def train_and_revoke(prep, *a, **kw):  # an operator marks the second request invalid meanwhile
         Queue(open_store(store)).mark_invalid(ids[1], "not a real request")
-        time.sleep(1.0)  # the lease keeper renews every 0.33 s and finds the lease gone
+        wait_for(lambda: keepers[0].lost(), "the lease keeper to find the lease gone")
         return real(prep, *a, **kw)
 
+    monkeypatch.setattr(process, "LeaseKeeper", Keeper)
     monkeypatch.setattr(engine, "train", train_and_revoke)
     out, lines = _process(store, tiny_config(tiny_model_dir, tmp_path), uri, name, lease_seconds=1.0)
     assert out.status == "aborted" and f"lost the lease of {ids[1]}" in out.message and out.exit_code == 3, lines
@@ -378,7 +423,7 @@ def test_a_run_that_dies_mid_commit_is_finished_or_redone_never_both(point, tiny
         _process(store, cfg, uri, name, lease_seconds=1.0)
     monkeypatch.setattr(Lineage, method, real)
     assert registry(uri, name).serving() is None
-    time.sleep(1.2)  # the dead run's leases run out
+    wait_for(lambda: leases_expired(store), "the dead run's leases to run out")
     out, lines = _process(store, cfg, uri, name)
     assert {r["id"] for r in out.requests if r["result"] == "done"} == set(ids), lines
     assert all(r.get("recovered") is finishes for r in out.requests), out.requests
@@ -406,7 +451,7 @@ def test_job_script_runs_from_a_checkout_without_the_package_installed(tmp_path)
 # ---- SIGKILL at random moments, two processors at once (subprocesses) ------------------------------
 
 def _child(argv: list[str], log_path: str, stretch: float = 0.0) -> None:
-    """A processor in a forked process (the forkserver has imported torch and MLflow once, so
+    """A processor in a forked process (the fork server has imported torch and MLflow once, so
     that 50+ runs are affordable): output to a file, exit status as the CLI's. `stretch`: a pause
     after every store write, so that a kill can land between two writes a few ms apart (the
     commit steps); it changes timing only."""
@@ -451,39 +496,89 @@ def _phase(log: str) -> str:
     return "starting"
 
 
+_PRELOAD = ["torch", "diffusers", "ray_unlearn.requests.batch", "ray_unlearn.platform.tracking",
+            "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
+            "ray_unlearn.cli", "onnxruntime"]
+_SERVER = """
+import importlib, json, os, sys
+sys.path.insert(0, {tests!r})
+for name in {preload!r}:
+    importlib.import_module(name)
+from test_process import _child
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "start":
+        pid = os.fork()
+        if pid == 0:
+            _child(cmd["argv"], cmd["log"], cmd["stretch"])  # ends with os._exit
+        reply = {{"pid": pid}}
+    else:  # "wait": the child's exit code, or None while it runs (block=False)
+        done, status = os.waitpid(cmd["pid"], 0 if cmd["block"] else os.WNOHANG)
+        reply = {{"exitcode": os.waitstatus_to_exitcode(status) if done else None}}
+    print(json.dumps(reply), flush=True)
+"""
+
+
+class ForkServer:
+    """Our own fork server: one process that imports torch, MLflow and the processor once and forks
+    a processor per request (50+ runs are affordable), stopped by this test through its PID."""
+
+    def __init__(self):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        code = _SERVER.format(tests=str(Path(__file__).parent), preload=_PRELOAD)
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, cwd=REPO, env=env)
+
+    def call(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the fork server died (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # its loop ends
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @pytest.fixture
 def forkserver():
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "diffusers", "ray_unlearn.requests.batch", "ray_unlearn.platform.tracking",
-                                "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store",
-                                "ray_unlearn.cli", "onnxruntime"])
-    yield ctx
-    from multiprocessing import forkserver as fs
-
-    fs._forkserver._stop()  # the server this test started (private API; it would end with pytest anyway)
+    server = ForkServer()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
-def _run_child(ctx, argv, log_path: Path, kill_after: float | None = None,
+def _run_child(server: ForkServer, argv, log_path: Path, kill_after: float | None = None,
                kill_at: tuple[str, float] | None = None, stretch: float = 0.0) -> tuple[int, bool]:
     """Run a processor; SIGKILL it `kill_after` seconds in, or `kill_at[1]` seconds after its log
     shows `kill_at[0]` (when it gets that far). (exit code, whether it was killed)."""
-    p = ctx.Process(target=_child, args=(argv, str(log_path), stretch))
-    p.start()
-    if kill_at is not None:
-        marker, extra = kill_at
-        while p.is_alive():
-            if log_path.exists() and marker in log_path.read_text():
-                time.sleep(extra)
-                break
-            p.join(0.01)
-    else:
-        p.join(kill_after)
-    killed = p.is_alive()
+    pid = server.call(op="start", argv=argv, log=str(log_path), stretch=stretch)["pid"]
+
+    def exitcode():
+        return server.call(op="wait", pid=pid, block=False)["exitcode"]
+
+    code, t0 = None, time.monotonic()
+    while (code := exitcode()) is None:
+        if kill_at is not None and log_path.exists() and kill_at[0] in log_path.read_text():
+            time.sleep(kill_at[1])  # the random moment after the milestone (the experiment, not a wait)
+            break
+        if kill_after is not None and time.monotonic() - t0 >= kill_after:
+            break
+        time.sleep(0.01)
+    if code is None:
+        code = exitcode()
+    killed = code is None
     if killed:
-        os.kill(p.pid, signal.SIGKILL)
-        p.join()
-    return p.exitcode, killed
+        os.kill(pid, signal.SIGKILL)
+        code = server.call(op="wait", pid=pid, block=True)["exitcode"]
+    return code, killed
 
 
 MILESTONES = ["claimed", "[1/", "[2/", "commit 1/5", "commit 2/5", "commit 3/5", "commit 4/5", "commit 5/5",
@@ -495,7 +590,7 @@ MILESTONES = ["claimed", "[1/", "[2/", "commit 1/5", "commit 2/5", "commit 3/5",
 def test_sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice(forkserver, tiny_model_dir, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = tiny_config(tiny_model_dir, tmp_path)
-    common = ["--config", str(cfg), "--tracking-uri", uri, "--limit", "2", "--max-attempts", "8"]
+    common = ["--config", str(cfg), "--tracking-uri", uri, "--limit", "2", "--max-attempts", "8", "--train-unproduced"]
     # warm-up (not counted): MLflow tables and the base-sample cache, then a timed full run of 2 requests
     for k in range(2):
         submit(tmp_path / "warm", [2 * k + 1, 2 * k + 2])
@@ -537,7 +632,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_applies_nothing_twice(forks
                 if "promoted" in log.read_text():  # follow the machine's load: a full run's time
                     full = 0.7 * full + 0.3 * (time.perf_counter() - t)
             time.sleep(rng.uniform(0, 2.2))  # sometimes the dead run's leases are still live
-        time.sleep(2.2)
+        wait_for(lambda: leases_expired(store), "the killed runs' leases to run out")
         for j in range(6):  # clean runs until everything is final
             log = tmp_path / f"ep{episodes}-final{j}.log"
             code, _ = _run_child(forkserver, argv, log)
@@ -564,11 +659,18 @@ def test_two_processors_started_together_never_share_a_request(tiny_model_dir, t
     cfg = tiny_config(tiny_model_dir, tmp_path)
     ids = submit(store, [41, 42, 43, 44])
     registry(uri, name).versions()  # create the MLflow tables before the race (not what is tested)
-    argv = ["--store", str(store), "--config", str(cfg), "--tracking-uri", uri, "--model", name, "--limit", "2", "--json"]
+    argv = ["--store", str(store), "--config", str(cfg), "--tracking-uri", uri, "--model", name, "--limit", "2", "--json",
+            "--train-unproduced"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     procs = [subprocess.Popen([sys.executable, str(REPO / "jobs" / "process_requests.py"), *argv], cwd=REPO, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=900) for p in procs]
+    try:
+        outs = [p.communicate(timeout=900) for p in procs]
+    finally:  # a time-out (or any failure) leaves no processor running
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     results = [json.loads(o[0].strip().splitlines()[-1]) for o in outs]
     assert sorted(p.returncode for p in procs) in ([0, 0], [0, 3]), outs
     holders = [r["holder"] for r in results]
@@ -602,7 +704,7 @@ def test_gpu_option_runs_the_batch_as_one_ray_task_holding_a_gpu(tiny_model_dir,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}})
     try:
         out = run_batch(store=str(store), gpu=True, config_path=str(tiny_config(tiny_model_dir, tmp_path)),
-                        tracking_uri=uri, model_name=name)
+                        tracking_uri=uri, model_name=name, train_unproduced=True)
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)

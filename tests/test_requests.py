@@ -108,7 +108,10 @@ BAD_INPUTS = {
     "text file": (b"name,face\nalice,yes\n", "not an image in an accepted format"),
     "gif": (encode(picture(3), "GIF"), "GIF images are not accepted"),
     "svg": (b'<svg xmlns="http://www.w3.org/2000/svg"/>', "SVG images are not accepted"),
-    "huge header": (png_header_only(100_000, 100_000), "too many pixels"),
+    "huge header": (png_header_only(100_000, 100_000), "far more pixels than the limit of 40,000,000: send it smaller"),
+    # between Pillow's warning (89.5 M) and error (179 M) limits: our one limit speaks, not Pillow's
+    "pillow warning range": (png_header_only(10_000, 10_000), "^the image is 10000x10000 = 100,000,000 pixels; "
+                             "the limit is 40,000,000: send it smaller$"),
     "over the limit": (png_header_only(7_000, 7_000), "49,000,000 pixels; the limit is 40,000,000"),
     "animated": (encode(picture(3), "WEBP", save_all=True, append_images=[picture(4)]), "2 frames"),
 }
@@ -402,7 +405,11 @@ def test_cli_submit_list_show(tmp_path, monkeypatch):
     assert json.loads(runner.invoke(requests_app, ["list", "--json"]).stdout)[0]["id"] == rid
     Queue(open_store(tmp_path / "st")).claim("proc", 1)
     res = runner.invoke(requests_app, ["show", rid])
-    assert res.exit_code == 0 and "state: claimed" in res.stdout and "#2" in res.stdout and "claim: pending -> claimed by proc" in res.stdout
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert any("state" in line and "claimed" in line for line in lines), res.stdout
+    assert any(" 2 " in line and "claim" in line and "pending -> claimed" in line and "proc" in line
+               for line in lines), res.stdout
     shown = json.loads(runner.invoke(requests_app, ["show", rid, "--json"]).stdout)
     assert [e["event"] for e in shown["ledger"]] == ["submit", "claim"]
     res = runner.invoke(requests_app, ["mark-invalid", rid, "--reason", "duplicate person", "--store", str(tmp_path / "st")])
@@ -413,7 +420,8 @@ def test_cli_submit_list_show(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["show", "../../etc/passwd"], "invalid request id"),
-    (["show", "req-0123456789abcdef"], "no request req-0123456789abcdef"),
+    (["show", "req-0123456789abcdef"], "no store at"),
+    (["show", "req-0123456789abcdef\n"], "invalid request id"),
     (["list", "--state", "nope"], "unknown state"),
     (["submit", "missing.png"], "image not found"),
     (["submit", "notes.txt"], "not an image"),
@@ -440,4 +448,4 @@ def test_cli_on_s3(moto_s3, tmp_path):  # noqa: F811
     assert res.exit_code == 0, res.output
     rid = json.loads(res.stdout)["record"]["id"]
     res = runner.invoke(requests_app, ["show", rid, "--store", uri])
-    assert res.exit_code == 0 and "state: pending" in res.stdout and "submit: - -> pending" in res.stdout
+    assert res.exit_code == 0 and "- -> pending" in res.stdout and "submit" in res.stdout, res.output

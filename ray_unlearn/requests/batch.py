@@ -1,51 +1,83 @@
 """One batch: sequential unlearning of the claimed requests, the gates, and the commit.
 
-Driven by `ray_unlearn.requests.process.Processor` (see its docstring for the gates and the
-order of the commit steps, and `lineage` for why each step is safe to crash after).
+Run by `ray_unlearn.requests.process.Processor` (see its docstring for the gates and the order of
+the commit steps, and `lineage` for why each step is safe to crash after). A batch gets what it
+needs passed in (`BatchContext`, the queue transitions, the lease keeper, its settings) and
+writes to the local disk only in its scratch directory.
 """
 
 from __future__ import annotations
 
-import io
-import tempfile
+import logging
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ray_unlearn import engine
 from ray_unlearn import evaluate as ev
 from ray_unlearn.config import TargetSpec
+from ray_unlearn.data import ImageError, decode_image
 from ray_unlearn.hashing import content_hash
+from ray_unlearn.loop import DivergedError
 from ray_unlearn.metrics import MetricUnavailable
+from ray_unlearn.requests.common import (
+    REQUESTS_EXPERIMENT, BatchAborted, BatchContext, Outcome, Transitions, now_iso,
+)
 from ray_unlearn.requests.evidence import (
     Check, check_from_evidence, decode_descriptor, encode_descriptor, judge_checks, outputs_for, regressions, verify,
 )
 from ray_unlearn.requests.images import normalise_image
+from ray_unlearn.requests.lease import LeaseKeeper
 from ray_unlearn.requests.lineage import parent_key
 from ray_unlearn.requests.models import LeaseLost, RequestError, RequestRecord
-from ray_unlearn.requests.process import REQUESTS_EXPERIMENT, BatchAborted, Outcome, _now
-from ray_unlearn.storage import NotFoundError, StorageError
+from ray_unlearn.storage import NotFoundError, StorageError, materialize
+
+logger = logging.getLogger(__name__)
+
+NOT_PRODUCED = "this model does not generate this image: nothing to remove"
 
 
 def _picture(png: bytes) -> torch.Tensor:
-    with Image.open(io.BytesIO(png)) as im:
-        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    arr = np.asarray(decode_image(png, formats=["PNG"]).convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
+@dataclass
+class BatchSettings:
+    cfg: object  # UnlearnConfig: the batch's settings (targets empty)
+    serving: object | None  # the registry Version that serves (None: the base model)
+    scratch: Path  # the batch's private directory (removed by the processor on every exit path)
+    train_unproduced: bool = False  # operator override for the whole batch, recorded in each evidence
+
+
+@dataclass
+class _Measured:
+    """One request's figures after its training."""
+
+    row: dict
+    rows: list[dict]
+    ssim: float
+    integrity_new: torch.Tensor
+    check: Check
+    descriptor: dict
+    train_s: float
+
+
 class Batch:
-    def __init__(self, proc, keeper, serving, cfg, out: Outcome):
-        self.p, self.keeper, self.serving, self.cfg, self.out = proc, keeper, serving, cfg, out
-        self.parent = parent_key(serving)
+    def __init__(self, ctx: BatchContext, moves: Transitions, keeper: LeaseKeeper, settings: BatchSettings,
+                 out: Outcome):
+        self.ctx, self.moves, self.keeper, self.out = ctx, moves, keeper, out
+        self.cfg, self.serving, self.tmp = settings.cfg, settings.serving, settings.scratch
+        self.train_unproduced = settings.train_unproduced
+        self.parent = parent_key(self.serving)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
         self.id = f"batch-{stamp}-{uuid.uuid4().hex[:8]}"
         out.batch, out.parent = self.id, self.parent
-        self.log = proc.log
         self.passed: list[tuple[RequestRecord, dict]] = []  # requests that passed every gate, in order
         self.checks: list[Check] = []  # everything that must stay forgotten: earlier done + passed here
         self.run_id = None
@@ -58,9 +90,12 @@ class Batch:
         cfg = self.cfg
         self.base = engine.load_family(cfg, lora=False)
         source = self.serving.source if self.serving else None
-        self.family = engine.load_family(cfg, model_path=source)
-        self.log(f"model: {'version ' + str(self.serving.version) + ' (' + source + ')' if source else 'the base model'}"
-                 f" {cfg.model.path!r}; method {cfg.method.name}, {cfg.train.steps} steps per request")
+        # the engine loads local paths only: a hotfix in the store is copied here first (once per machine)
+        local = str(materialize(source, Path(cfg.cache_dir).expanduser() / "models")) if source else None
+        self.family = engine.load_family(cfg, model_path=local)
+        logger.info("model: %s %r; method %s, %d steps per request",
+                    f"version {self.serving.version} ({source})" if source else "the base model",
+                    cfg.model.path, cfg.method.name, cfg.train.steps)
         self.ref = engine.reference_outputs(cfg, self.base, progress=False)  # cached after the first batch
         self.seeds = ev.integrity_seeds(cfg.eval)
         self.integrity_base = self.ref.integrity_base[: len(self.seeds)]
@@ -73,20 +108,21 @@ class Batch:
         """Everything the serving model must keep forgotten: the done requests, and the requests
         of committed batches along the lineage that are not completed yet (their processor died
         after the commit; they will be completed from the manifest, so they must not regress)."""
+        ctx = self.ctx
         evidence: dict[str, dict] = {}
-        for v in self.p.lineage.chain():
+        for v in ctx.lineage.chain():
             batch = v.tags.get("batch")
             if batch:
-                evidence.update(self.p.lineage.manifest(batch)["evidence"])
-        records = {rec.id: rec for rec in self.p.queue.list("done")}
+                evidence.update(ctx.lineage.manifest(batch)["evidence"])
+        records = {rec.id: rec for rec in ctx.queue.list("done")}
         evidence.update({rid: rec.evidence for rid, rec in records.items()})
         checks = []
         for rid, ev_ in sorted(evidence.items()):
             image, rec = None, records.get(rid)
             if ev_.get("seed") is None and (rec is None or rec.image_key is not None):
                 try:  # a seedless request is judged from its picture while the picture is kept
-                    image = self.family.prepare_images(_picture(self.p.queue.read_image(rid))[None])[0].cpu()
-                except (RequestError, NotFoundError, OSError):
+                    image = self.family.prepare_images(_picture(ctx.queue.read_image(rid))[None])[0].cpu()
+                except (RequestError, NotFoundError, ImageError, OSError):
                     image = None
             c = check_from_evidence(rid, ev_, image)
             if c is not None:
@@ -107,23 +143,21 @@ class Batch:
                         f"the serving model does not forget {len(bad)} request(s) already done ("
                         + ", ".join(f"{r['id']}: SSCD {r['sscd']:.3f} >= {r['threshold']:.3f}" for r in bad[:3])
                         + "): it does not descend from the versions that applied them; restore the alias")
-                self.log(f"{len(rows)} earlier request(s) checked on the serving model: still forgotten")
+                logger.info("%d earlier request(s) checked on the serving model: still forgotten", len(rows))
         except MetricUnavailable as err:
             raise BatchAborted(f"a metric the gates need is unavailable: {err}") from None
         self._start_run()
         try:
-            with tempfile.TemporaryDirectory(prefix="ray-unlearn-batch-") as tmp:
-                self.tmp = Path(tmp)
-                for i, rec in enumerate(todo, 1):
-                    self.keeper.check()
-                    self.log(f"[{i}/{len(todo)}] {rec.id} (seed {rec.seed}, attempt {rec.attempts})")
-                    self._one(rec)
-                if not self.passed:
-                    self.out.status = "nothing-passed"
-                    self.out.message = "no request passed its gates: nothing to promote"
-                    self._end_run("FINISHED")
-                    return
-                self._commit(time.perf_counter() - t0)
+            for i, rec in enumerate(todo, 1):
+                self.keeper.check()
+                logger.info("[%d/%d] %s (seed %s, attempt %d)", i, len(todo), rec.id, rec.seed, rec.attempts)
+                self._one(rec)
+            if not self.passed:
+                self.out.status = "nothing-passed"
+                self.out.message = "no request passed its gates: nothing to promote"
+                self._end_run("FINISHED")
+                return
+            self._commit(time.perf_counter() - t0)
         except BaseException:
             self._end_run("FAILED")
             raise
@@ -131,18 +165,19 @@ class Batch:
     def _start_run(self) -> None:
         from ray_unlearn.platform.tracking import Tracker
 
-        self.tracker = Tracker(self.p.tracking_uri, experiment=REQUESTS_EXPERIMENT)
+        ctx = self.ctx
+        self.tracker = Tracker(ctx.tracking_uri, experiment=REQUESTS_EXPERIMENT)
         params = {**self.cfg.model_dump(mode="json", exclude={"targets", "cache_dir"}),
-                  "batch": {"id": self.id, "parent": self.parent, "limit": self.p.limit, "retention": self.p.retention}}
+                  "batch": {"id": self.id, "parent": self.parent, "limit": ctx.limit, "retention": ctx.retention}}
         self.run_id = self.tracker.start_run(self.id, params=params, tags={
-            "batch": self.id, "parent_version": self.parent, "holder": self.p.holder, "model_name": self.p.registry.name})
+            "batch": self.id, "parent_version": self.parent, "holder": ctx.holder, "model_name": ctx.registry.name})
 
     def _end_run(self, status: str) -> None:
         if self.run_id is not None:
             try:
                 self.tracker.end_run(self.run_id, status)
             except Exception as err:  # tracking is evidence, not the protocol: never mask the real outcome
-                self.log(f"warning: could not end MLflow run {self.run_id}: {err}")
+                logger.warning("could not end MLflow run %s: %s", self.run_id, err)
             self.run_id = None  # ended once
 
     # ---- one request ----------------------------------------------------------------------------
@@ -156,10 +191,9 @@ class Batch:
                     p.copy_(snap[n])
 
     def _image(self, rec: RequestRecord) -> Path:
-        """The request's picture, checked again (storage may have changed since submit)."""
-        data = self.p.queue.read_image(rec.id)
-        q = self.p.queue
-        img = normalise_image(data, max_bytes=q.max_bytes, max_pixels=q.max_pixels, allowed_formats=q.allowed_formats)
+        """The request's picture, checked again (storage may have changed since submit), in scratch."""
+        q = self.ctx.queue
+        img = normalise_image(q.read_image(rec.id), max_bytes=q.max_bytes, allowed_formats=q.allowed_formats)
         if img.sha256 != rec.content_sha256:
             raise RequestError(f"the stored image is not the submitted picture (sha256 {img.sha256[:12]}... != "
                                f"{rec.content_sha256[:12]}...): it was altered or corrupted in storage")
@@ -168,124 +202,194 @@ class Batch:
         return path
 
     def _one(self, rec: RequestRecord) -> None:
-        started = _now()
+        started = now_iso()
         try:
             path = self._image(rec)
         except (RequestError, NotFoundError, StorageError) as err:
-            self.p._fail(self.keeper, rec.id, f"its image cannot be used: {err}", self.out)
+            self.moves.fail(rec.id, f"its image cannot be used: {err}")
             return
         cfg = self.cfg.model_copy(update={"targets": [TargetSpec(image=str(path), seed=rec.seed)]})
         snap = self._snapshot()
-        fam = self.family
         try:
-            t = time.perf_counter()
-            prep = engine.prepare(cfg, fam, reference=self.ref, base=self.base)
-            engine.train(prep, progress=False)
-            train_s = time.perf_counter() - t
-            target = prep.targets[0]
-            new = ev.model_outputs_for_targets(fam, prep.targets)
-            earlier, judged = outputs_for(fam, self.checks)
-            # one SSCD pass: the picture, the base's and the new model's output for it, the re-checks
-            parts = [target.image[None], prep.target_base, new] + ([earlier] if judged else [])
-            emb = self.metrics.sscd_embed(torch.cat([x.cpu() for x in parts]))
-            self.sscd_source = self.metrics.sources().get("sscd", "sscd")
-            sscd_base, sscd_new = float(emb[0] @ emb[1]), float(emb[0] @ emb[2])
-            hf = float(ev.high_frequency_energy(new)[0])
-            # the rule of evaluate.judge_targets, on embeddings already computed
-            row = {"sscd_base": round(sscd_base, 4), "sscd_unlearned": round(sscd_new, 4), "hf_energy": round(hf, 4),
-                   "artifact": hf > self.bound, "forgotten": sscd_new < self.threshold["value"] and hf <= self.bound}
-            rows = judge_checks(self.checks, judged, earlier, emb[3:], self.bound)
-            integrity_new = fam.generate(fam.initial_noise(self.seeds))
-            ssim = float(self.metrics.ssim(self.integrity_base, integrity_new).mean())
-            descriptor = encode_descriptor(emb[0], self.sscd_source)
-            check = Check(rec.id, rec.seed, decode_descriptor(descriptor), self.threshold["value"],
-                          target.image if rec.seed is None else None)
+            prep = engine.prepare(cfg, self.family, reference=self.ref, base=self.base)
+            emb = self.metrics.sscd_embed(torch.cat([prep.targets[0].image[None].cpu(), prep.target_base.cpu()]))
+            sscd_base = float(emb[0] @ emb[1])
+            go, override = self._produced(rec, sscd_base)
+            if not go:
+                return
+            measured = self._train_and_measure(prep, emb[0], rec)
         except MetricUnavailable as err:
             self._restore(snap)
             raise BatchAborted(f"a metric the gates need is unavailable: {err}") from None
+        except DivergedError as err:  # the same settings diverge again: fail it, naming the step
+            self._restore(snap)
+            self.moves.fail(rec.id, str(err), sscd_base=round(sscd_base, 4))
+            return
         except Exception as err:  # a model / numerical problem with this request: it may be retried
             self._restore(snap)
-            self.p.release_or_fail(self.keeper, rec, f"unlearning it raised {type(err).__name__}: {err}", self.out)
+            self.moves.release_or_fail(rec, f"unlearning it raised {type(err).__name__}: {err}")
             return
-        figures = f"SSCD {row['sscd_base']:.3f} -> {row['sscd_unlearned']:.3f} (threshold {self.threshold['value']:.3f})"
-        lines = [f"  {figures}, integrity SSIM {ssim:.3f} (bound {cfg.eval.min_integrity_ssim}), "
-                 f"{len(rows)} earlier re-verified, {train_s:.0f} s training"]
-        self.log(lines[0])
-        attempt = {"sscd_base": row["sscd_base"], "sscd_new": row["sscd_unlearned"], "integrity_ssim": round(ssim, 4)}
-        if not row["forgotten"]:
+        finally:
+            path.unlink(missing_ok=True)  # the picture lives in memory from here on
+        if self._gates(rec, measured, sscd_base, snap):
+            self._accept(rec, measured, sscd_base, started, override)
+
+    def _produced(self, rec: RequestRecord, sscd_base: float) -> tuple[bool, dict | None]:
+        """Gate 0, before any training: the base model must produce the picture (its output for the
+        seed, or its reconstruction of the picture, at or above the threshold); else there is nothing
+        to remove and the request ends not_produced, unless an operator overrode it. (train it?,
+        the override to record)"""
+        t = self.threshold["value"]
+        if sscd_base >= t:
+            return True, None
+        override = rec.produced_override or ("--train-unproduced (this batch)" if self.train_unproduced else None)
+        judged = "its output for seed %d" % rec.seed if rec.seed is not None else "its reconstruction of the picture"
+        figures = f"SSCD between the picture and the base model's {judged} is {sscd_base:.3f}, below the threshold {t:.3f}"
+        if override:
+            logger.warning("%s: %s; trained anyway (operator override: %s)", rec.id, figures, override)
+            return True, {"not_produced": figures, "override": override}
+        self.moves.not_produced(rec.id, f"{NOT_PRODUCED} ({figures})", {
+            "content_sha256": rec.content_sha256, "seed": rec.seed, "sscd_base": round(sscd_base, 4),
+            "threshold": self.threshold, "judged_by": judged, "settings": self._settings(),
+            "checked_at": now_iso()})
+        return False, None
+
+    def _train_and_measure(self, prep, picture_emb: torch.Tensor, rec: RequestRecord) -> _Measured:
+        fam = self.family
+        t = time.perf_counter()
+        engine.train(prep, progress=False)
+        train_s = time.perf_counter() - t
+        new = ev.model_outputs_for_targets(fam, prep.targets)
+        if not bool(torch.isfinite(new).all()):
+            raise DivergedError(prep.cfg.train.steps, "NaN", "the model's output for the picture", "after training")
+        earlier, judged = outputs_for(fam, self.checks)
+        # one SSCD pass: the new model's output for the picture, and the re-checks
+        emb = self.metrics.sscd_embed(torch.cat([new.cpu()] + ([earlier.cpu()] if judged else [])))
+        self.sscd_source = self.metrics.sources().get("sscd", "sscd")
+        sscd_new, hf = float(picture_emb @ emb[0]), float(ev.high_frequency_energy(new)[0])
+        forgotten, why = ev.target_verdict(sscd_new < self.threshold["value"], hf > self.bound)
+        row = {"sscd_unlearned": round(sscd_new, 4), "hf_energy": round(hf, 4), "artifact": hf > self.bound,
+               "forgotten": forgotten, "why": why}
+        rows = judge_checks(self.checks, judged, earlier, emb[1:], self.bound)
+        integrity_new = fam.generate(fam.initial_noise(self.seeds))
+        ssim = float(self.metrics.ssim(self.integrity_base, integrity_new).mean())
+        descriptor = encode_descriptor(picture_emb, self.sscd_source)
+        check = Check(rec.id, rec.seed, decode_descriptor(descriptor), self.threshold["value"],
+                      prep.targets[0].image if rec.seed is None else None)
+        return _Measured(row, rows, ssim, integrity_new, check, descriptor, train_s)
+
+    def _gates(self, rec: RequestRecord, m: _Measured, sscd_base: float, snap) -> bool:
+        """Gates 1-3 on the request's figures; a failed one restores the snapshot and moves the request."""
+        min_ssim = self.cfg.eval.min_integrity_ssim
+        figures = f"SSCD {sscd_base:.3f} -> {m.row['sscd_unlearned']:.3f} (threshold {self.threshold['value']:.3f})"
+        logger.info("  %s, integrity SSIM %.3f (bound %s), %d earlier re-verified, %.0f s training",
+                    figures, m.ssim, min_ssim, len(m.rows), m.train_s)
+        attempt = {"sscd_base": round(sscd_base, 4), "sscd_new": m.row["sscd_unlearned"],
+                   "integrity_ssim": round(m.ssim, 4)}
+        if not m.row["forgotten"]:
             self._restore(snap)
-            why = "its output is artifact texture, not a new image" if row["artifact"] else "SSCD is not below the threshold"
-            self.p._fail(self.keeper, rec.id, f"not forgotten with these settings: {figures}; {why}", self.out, **attempt)
-            return
-        if ssim < cfg.eval.min_integrity_ssim:
+            self.moves.fail(rec.id, f"not forgotten with these settings: {figures}; {m.row['why']}", **attempt)
+            return False
+        if m.ssim < min_ssim:
             self._restore(snap)
-            self.p.release_or_fail(self.keeper, rec, f"integrity gate: unlearning it would leave SSIM {ssim:.3f} "
-                                   f"against the base, below the bound {cfg.eval.min_integrity_ssim}", self.out, attempt)
-            return
-        bad = regressions(rows)
+            self.moves.release_or_fail(rec, f"integrity gate: unlearning it would leave SSIM {m.ssim:.3f} "
+                                       f"against the base, below the bound {min_ssim}", attempt)
+            return False
+        bad = regressions(m.rows)
         if bad:
             self._restore(snap)
-            self.p.release_or_fail(self.keeper, rec, "unlearning it brought back " + ", ".join(
-                f"{r['id']} (SSCD {r['sscd']:.3f} >= {r['threshold']:.3f})" for r in bad[:3]), self.out, attempt)
-            return
+            self.moves.release_or_fail(rec, "unlearning it brought back " + ", ".join(
+                f"{r['id']} (SSCD {r['sscd']:.3f} >= {r['threshold']:.3f})" for r in bad[:3]), attempt)
+            return False
+        return True
+
+    def _accept(self, rec: RequestRecord, m: _Measured, sscd_base: float, started: str,
+                override: dict | None) -> None:
         evidence = {
             "content_sha256": rec.content_sha256, "seed": rec.seed,
             "judged_by": "the model's output for the seed" if rec.seed is not None else "SDEdit of the picture at 0.5 T",
-            "sscd_base": row["sscd_base"], "sscd_new": row["sscd_unlearned"], "artifact": row["artifact"],
-            "hf_energy": row["hf_energy"], "artifact_bound": round(self.bound, 4),
-            "threshold": self.threshold, "integrity_after_request": {"ssim": round(ssim, 4), "n": len(self.seeds)},
-            "descriptor": descriptor, "settings": self._settings(), "train_seconds": round(train_s, 2),
+            "sscd_base": round(sscd_base, 4), "sscd_new": m.row["sscd_unlearned"], "artifact": m.row["artifact"],
+            "hf_energy": m.row["hf_energy"], "artifact_bound": round(self.bound, 4),
+            "threshold": self.threshold, "integrity_after_request": {"ssim": round(m.ssim, 4), "n": len(self.seeds)},
+            "descriptor": m.descriptor, "settings": self._settings(), "train_seconds": round(m.train_s, 2),
             "times": {"claimed_at": rec.updated_at.isoformat(timespec="milliseconds"), "started_at": started,
-                      "verified_at": _now()},
+                      "verified_at": now_iso()},
         }
+        if override:
+            evidence["produced_override"] = override
+        if rec.original_sha256:
+            evidence["original_sha256"] = rec.original_sha256
         self.passed.append((rec, evidence))
-        self.checks.append(check)
+        self.checks.append(m.check)
         # the weights now are the batch's final ones unless a later request passes (a failing one
         # is rolled back to exactly these): the commit's integrity figures reuse these samples
-        self.integrity_last = integrity_new
+        self.integrity_last = m.integrity_new
 
     def _settings(self) -> dict:
         c = self.cfg
         return {"method": c.method.name, "steps": c.train.steps, "lr": c.train.lr, "surrogate": c.surrogate.kind,
                 "strength": c.surrogate.strength, "config_sha": content_hash(c.model_dump(mode="json"))}
 
-    # ---- the batch ------------------------------------------------------------------------------
+    # ---- the batch: final check, then the commit steps in order ---------------------------------
     def _commit(self, elapsed: float) -> None:
-        p, fam, cfg = self.p, self.family, self.cfg
         self.keeper.check()
+        figures, rows = self._final_check()
+        hotfix, config_key = self._upload()
+        report = self._report(rows, figures, elapsed)
+        tags, evidence = self._write_manifest(hotfix, config_key, report, figures, rows)
+        self._checkpoint(evidence)
+        if not self.ctx.lineage.decide_commit(self.id):
+            raise BatchAborted(f"batch {self.id} was aborted by a processor that retook one of its requests")
+        # ---- decided: from here on the batch is rolled forward, by us or by whoever comes next ----
+        logger.info("commit 4/5: decided")
+        if not self._take_lineage_lock():
+            return
+        self._register_and_complete(hotfix, tags, report, evidence)
+
+    def _final_check(self) -> tuple[dict, list[dict]]:
+        """Integrity of the final weights against the base, and every re-verification again."""
+        cfg = self.cfg
         integrity_new = self.integrity_last  # the final weights' samples, taken by the last passed request
         figures = ev.integrity_figures(self.metrics, self.integrity_base, integrity_new, fid=cfg.eval.fid)
         figures.update(min_ssim=cfg.eval.min_integrity_ssim)
         figures["ok"] = figures["ssim"] is not None and figures["ssim"] >= cfg.eval.min_integrity_ssim
-        rows = verify(fam, self.metrics, self.checks, self.bound)
+        rows = verify(self.family, self.metrics, self.checks, self.bound)
         self.out.integrity, self.out.reverified = figures, rows
-        ids = [rec.id for rec, _ in self.passed]
         bad = regressions(rows)
         if not figures["ok"] or bad:
-            why = (f"final integrity SSIM {figures['ssim']} below {cfg.eval.min_integrity_ssim}" if not figures["ok"]
-                   else "final re-verification: " + ", ".join(f"{r['id']} SSCD {r['sscd']}" for r in bad[:3]))
-            raise BatchAborted(why)
-        n_ok = sum(r["forgotten"] is True for r in rows)
-        self.log(f"batch {self.id}: integrity SSIM {figures['ssim']} LPIPS {figures['lpips']} FID {figures['fid']} "
-                 f"on {figures['n']} seeds; {n_ok}/{len(rows)} requests verified forgotten")
-        store = p.store
-        hotfix_key, config_key = f"hotfixes/{self.id}", f"batches/{self.id}/config.json"
-        grid = self.tmp / "integrity_grid.png"
+            raise BatchAborted(f"final integrity SSIM {figures['ssim']} below {cfg.eval.min_integrity_ssim}"
+                               if not figures["ok"] else
+                               "final re-verification: " + ", ".join(f"{r['id']} SSCD {r['sscd']}" for r in bad[:3]))
+        self.n_ok = sum(r["forgotten"] is True for r in rows)
+        logger.info("batch %s: integrity SSIM %s LPIPS %s FID %s on %s seeds; %d/%d requests verified forgotten",
+                    self.id, figures["ssim"], figures["lpips"], figures["fid"], figures["n"], self.n_ok, len(rows))
+        return figures, rows
+
+    def _upload(self) -> tuple[str, str]:
+        """Commit step 1: the hotfix (and the batch's settings) into the store."""
         from ray_unlearn.viz import integrity_grid
 
-        integrity_grid(grid, self.integrity_base, integrity_new)
-        fam.save(self.tmp / "hotfix")
+        store = self.ctx.store
+        hotfix_key, config_key = f"hotfixes/{self.id}", f"batches/{self.id}/config.json"
+        integrity_grid(self.tmp / "integrity_grid.png", self.integrity_base, self.integrity_last)
+        self.family.save(self.tmp / "hotfix")
         store.upload_dir(self.tmp / "hotfix", hotfix_key)
+        store.put_json(config_key, self.cfg.model_dump(mode="json", exclude={"targets", "cache_dir"}))
         hotfix = store.uri(hotfix_key)
-        store.put_json(config_key, cfg.model_dump(mode="json", exclude={"targets", "cache_dir"}))
-        self.log(f"commit 1/5: hotfix uploaded to {hotfix}")
-        report = self._report(rows, figures, elapsed)
+        logger.info("commit 1/5: hotfix uploaded to %s", hotfix)
+        return hotfix, config_key
+
+    def _write_manifest(self, hotfix: str, config_key: str, report: dict, figures: dict,
+                        rows: list[dict]) -> tuple[dict, dict]:
+        """Commit step 2: everything needed to finish the batch without this process."""
         from ray_unlearn.platform.tracking import version_tags
 
+        ctx, cfg = self.ctx, self.cfg
+        ids = [rec.id for rec, _ in self.passed]
         tags = version_tags(report, requests=",".join(ids), parent_version=self.parent, batch=self.id,
-                            base_model=cfg.model.path, config_uri=store.uri(config_key),
-                            manifest=store.uri(p.lineage.manifest_key(self.id)),
-                            reverified=f"{n_ok}/{len(rows)}")
+                            base_model=cfg.model.path, config_uri=ctx.store.uri(config_key),
+                            manifest=ctx.store.uri(ctx.lineage.manifest_key(self.id)),
+                            reverified=f"{self.n_ok}/{len(rows)}")
         integrity = {**{k: figures.get(k) for k in ("ssim", "lpips", "fid", "n")}, "min": figures["min_ssim"]}
         evidence = {}
         for rec, e in self.passed:
@@ -293,44 +397,55 @@ class Batch:
             evidence[rec.id] = {**e, "batch": self.id, "parent": self.parent, "hotfix": hotfix,
                                 "sscd_final": final["sscd"], "integrity": integrity,
                                 "versions": {"parent": self.parent, "base_model": cfg.model.path,
-                                             "model_name": p.registry.name}}
-        p.lineage.write_manifest(self.id, {
+                                             "model_name": ctx.registry.name}}
+        ctx.lineage.write_manifest(self.id, {
             "batch": self.id, "parent": self.parent, "hotfix": hotfix, "requests": ids, "evidence": evidence,
-            "tags": tags, "run_id": self.run_id, "holder": p.holder, "created_at": _now(), "config": config_key,
-            "integrity": figures, "reverified": rows})
-        self.log("commit 2/5: manifest written")
-        for rid in ids:  # fenced: a LeaseLost here means someone else may hold it: do not commit
+            "tags": tags, "run_id": self.run_id, "holder": ctx.holder, "created_at": now_iso(),
+            "config": config_key, "integrity": figures, "reverified": rows})
+        logger.info("commit 2/5: manifest written")
+        return tags, evidence
+
+    def _checkpoint(self, evidence: dict) -> None:
+        """Commit step 3: each request checkpointed with the batch, fenced by its lease (a
+        LeaseLost means someone else may hold it: do not commit)."""
+        for rid in evidence:
             self.keeper.check()
             try:
-                p.queue.checkpoint(rid, p.holder, evidence[rid])
+                self.ctx.queue.checkpoint(rid, self.ctx.holder, evidence[rid])
             except LeaseLost as err:
                 raise BatchAborted(str(err)) from None
         self.keeper.check()
-        self.log(f"commit 3/5: {len(ids)} request(s) checkpointed with the batch")
-        if not p.lineage.decide_commit(self.id):
-            raise BatchAborted(f"batch {self.id} was aborted by a processor that retook one of its requests")
-        # ---- decided: from here on the batch is rolled forward, by us or by whoever comes next ----
-        self.log("commit 4/5: decided")
-        if not p.lineage.take_lock(self.parent, self.id):
-            winner = p.lineage.successor(self.parent)
-            self.out.status = "returned"
-            self.out.message = f"batch {winner} was applied on {self.parent} first; these requests will be redone on top"
-            self.log(self.out.message)
-            for rec, _ in self.passed:
-                p._release(self.keeper, rec.id, self.out, f"lost the lineage race on {self.parent} to {winner}")
-            self._end_run("FAILED")
-            return
-        self.log(f"commit 5/5: batch {self.id} is the successor of {self.parent}")
+        logger.info("commit 3/5: %d request(s) checkpointed with the batch", len(evidence))
+
+    def _take_lineage_lock(self) -> bool:
+        """Commit step 5, the commit point: this batch becomes its parent's one successor, or
+        another batch already is and these requests go back to pending."""
+        lineage = self.ctx.lineage
+        if lineage.take_lock(self.parent, self.id):
+            logger.info("commit 5/5: batch %s is the successor of %s", self.id, self.parent)
+            return True
+        winner = lineage.successor(self.parent)
+        self.out.status = "returned"
+        self.out.message = f"batch {winner} was applied on {self.parent} first; these requests will be redone on top"
+        logger.warning(self.out.message)
+        for rec, _ in self.passed:
+            self.moves.release(rec.id, f"lost the lineage race on {self.parent} to {winner}")
+        self._end_run("FAILED")
+        return False
+
+    def _register_and_complete(self, hotfix: str, tags: dict, report: dict, evidence: dict) -> None:
+        """After the commit point: register, move the alias, complete each request."""
+        ctx = self.ctx
         try:
             self.tracker.log_report(self.run_id, report, out_dir=self.tmp, storage_uri=hotfix)
         except Exception as err:
-            self.log(f"warning: MLflow logging failed ({err}); the registry and the store hold the evidence")
-        version = p.registry.register(hotfix, run_id=self.run_id, tags=tags, idempotency_key=self.id)
-        p.lineage.advance(self.log)
+            logger.warning("MLflow logging failed (%s); the registry and the store hold the evidence", err)
+        version = ctx.registry.register(hotfix, run_id=self.run_id, tags=tags, idempotency_key=self.id)
+        ctx.lineage.advance()
         self.out.version, self.out.status = version.version, "promoted"
-        self.out.message = f"version {version.version} (on {self.parent}) serves; {len(ids)} request(s) applied"
+        self.out.message = f"version {version.version} (on {self.parent}) serves; {len(evidence)} request(s) applied"
         for rec, _ in self.passed:
-            p.complete(self.keeper, rec.id, evidence[rec.id], version.version, self.out)
+            self.moves.complete(rec.id, evidence[rec.id], version.version)
         self._end_run("FINISHED")
 
     def _report(self, rows: list[dict], figures: dict, elapsed: float) -> dict:

@@ -76,12 +76,10 @@ def judge_checks(checks: list[Check], judged: list[Check], outputs: torch.Tensor
     for i, c in enumerate(judged):
         sim = float((emb[i] * c.descriptor).sum())
         artifact = bool(hf[i] > artifact_bound)
-        below = sim < c.threshold
+        forgotten, why = ev.target_verdict(sim < c.threshold, artifact)
         rows[c.id] = {"id": c.id, "via": "seed" if c.seed is not None else "picture (SDEdit 0.5T)",
                       "sscd": round(sim, 4), "threshold": c.threshold, "artifact": artifact,
-                      "forgotten": below and not artifact,
-                      "why": None if below and not artifact else
-                      ("SSCD not below its threshold" if not below else "output is artifact texture")}
+                      "forgotten": forgotten, "why": why}
     for c in checks:
         rows.setdefault(c.id, {"id": c.id, "via": None, "sscd": None, "threshold": c.threshold, "artifact": None,
                                "forgotten": None, "why": "no seed and the image is purged: not re-verifiable"})

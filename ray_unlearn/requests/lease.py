@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
+from ray_unlearn.requests.common import BatchAborted
 from ray_unlearn.requests.models import LeaseLost
+
+logger = logging.getLogger(__name__)
 
 
 class LeaseKeeper:
@@ -12,8 +16,8 @@ class LeaseKeeper:
     before its final transition (complete / fail / release), so that renewing it then is not
     mistaken for a lost lease. `check()` raises once any held lease was lost."""
 
-    def __init__(self, queue, holder: str, ids: list[str], interval: float, log=print):
-        self.queue, self.holder, self.interval, self.log = queue, holder, max(interval, 0.05), log
+    def __init__(self, queue, holder: str, ids: list[str], interval: float):
+        self.queue, self.holder, self.interval = queue, holder, max(interval, 0.05)
         self._held = list(ids)
         self._lost: dict[str, str] = {}
         self._lock = threading.Lock()
@@ -35,8 +39,6 @@ class LeaseKeeper:
             return dict(self._lost)
 
     def check(self) -> None:
-        from ray_unlearn.requests.process import BatchAborted
-
         lost = self.lost()
         if lost:
             rid, why = next(iter(lost.items()))
@@ -52,7 +54,7 @@ class LeaseKeeper:
                         if rid in self._held:  # not a request we just finished ourselves
                             self._lost[rid] = str(err)
                 except Exception as err:  # a store hiccup: the next round retries; the lease has slack
-                    self.log(f"warning: renewing {rid} failed ({type(err).__name__}: {err}); retrying")
+                    logger.warning("renewing %s failed (%s: %s); retrying", rid, type(err).__name__, err)
 
     def stop(self) -> None:
         self._stop.set()

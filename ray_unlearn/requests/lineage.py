@@ -27,20 +27,19 @@ versions form one chain from "base"; the alias is moved only forward along it.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
+from ray_unlearn.requests.models import now_iso
 from ray_unlearn.storage import NotFoundError, Store
+
+logger = logging.getLogger(__name__)
 
 BASE = "base"
 
 
 class LineageError(RuntimeError):
     """The registry and the lineage disagree in a way only an operator can resolve."""
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def parent_key(version) -> str:
@@ -105,12 +104,12 @@ class Lineage:
 
     def decide_commit(self, batch: str) -> bool:
         """True: B is decided (no retaker aborted it first); nothing can undo that."""
-        d = self._create(self._decision_key(batch), {"decision": "commit", "by": self.holder, "at": _now()})
+        d = self._create(self._decision_key(batch), {"decision": "commit", "by": self.holder, "at": now_iso()})
         return d["decision"] == "commit"
 
     def take_lock(self, parent: str, batch: str) -> bool:
         """The commit point: True when B is (now or already) P's one successor."""
-        lock = self._create(self.lock_key(parent), {"batch": batch, "by": self.holder, "at": _now()})
+        lock = self._create(self.lock_key(parent), {"batch": batch, "by": self.holder, "at": now_iso()})
         return lock["batch"] == batch
 
     # ---- settling another processor's batch -----------------------------------------------------
@@ -119,7 +118,7 @@ class Lineage:
         redo the request) or not (it can never commit now; redo the request)."""
         d = self._read(self._decision_key(batch))
         if d is None:
-            d = self._create(self._decision_key(batch), {"decision": "abort", "by": self.holder, "at": _now()})
+            d = self._create(self._decision_key(batch), {"decision": "abort", "by": self.holder, "at": now_iso()})
         if d["decision"] != "commit":
             return Settled(batch, False, f"batch {batch} was aborted before it committed")
         if self._read(self.manifest_key(batch)) is None:  # commit is only ever decided after the manifest
@@ -129,7 +128,7 @@ class Lineage:
         return Settled(batch, False, f"batch {batch} lost {parent} to batch {self.successor(parent)}")
 
     # ---- the alias follows the lineage ----------------------------------------------------------
-    def advance(self, log=lambda msg: None):
+    def advance(self):
         """Register and promote committed successors of the serving version until it is the tip;
         returns the serving Version (None: nothing registered yet, the base model serves)."""
         serving = self.registry.serving()
@@ -156,8 +155,8 @@ class Lineage:
             if parent_key(self.registry.serving()) == parent:  # never move the alias backwards
                 self.registry.promote(v.version)
                 moved_by_us.add(v.version)
-                log(f"alias '{self._alias()}' -> version {v.version} (batch {batch}, on {parent})")
-            self.store.put_json(self._promoted_key(batch), {"version": v.version, "by": self.holder, "at": _now()})
+                logger.info("alias '%s' -> version %s (batch %s, on %s)", self._alias(), v.version, batch, parent)
+            self.store.put_json(self._promoted_key(batch), {"version": v.version, "by": self.holder, "at": now_iso()})
             serving = self.registry.serving()
         raise LineageError(f"the lineage of {self.model} did not reach its tip in 1000 steps")
 

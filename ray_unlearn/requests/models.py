@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-State = Literal["pending", "claimed", "done", "failed", "invalid"]
-STATES: tuple[str, ...] = ("pending", "claimed", "done", "failed", "invalid")
-TERMINAL = frozenset({"done", "failed", "invalid"})
-ID_RE = re.compile(r"^req-[0-9a-f]{16}$")
+State = Literal["pending", "claimed", "done", "failed", "not_produced", "invalid"]
+STATES: tuple[str, ...] = ("pending", "claimed", "done", "failed", "not_produced", "invalid")
+# not_produced: the model does not generate the picture (base SSCD below the threshold): nothing to remove
+TERMINAL = frozenset({"done", "failed", "not_produced", "invalid"})
+REQUEUABLE = frozenset({"failed", "not_produced"})
+ID_RE = re.compile(r"req-[0-9a-f]{16}")  # always used with fullmatch
 NOTE_MAX = 1000
 REASON_MAX = 2000
 HOLDER_MAX = 200
 SEED_MAX = 2**63 - 1
 _BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def now_iso() -> str:
+    """The one timestamp format of the request path's records (UTC, milliseconds)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 class RequestError(ValueError):
@@ -56,6 +63,11 @@ class RequestRecord(BaseModel):
     reason: str | None = Field(None, description="Why it failed or is invalid.")
     evidence: dict[str, Any] = Field(default_factory=dict, description="Filled by the processor.")
     image_key: str | None = Field(None, description="Storage key of the normalised PNG; None once purged.")
+    original_sha256: str | None = Field(None, description="sha256 of the submitted picture's pixels when it was "
+                                        "downscaled at the door (content_sha256 is then that of the stored copy).")
+    original_size: tuple[int, int] | None = Field(None, description="(width, height) before the door's downscale.")
+    produced_override: str | None = Field(None, description="An operator's reason to train although the model "
+                                          "does not produce the picture (`requests requeue --train-anyway`).")
 
     def public(self) -> dict:
         return self.model_dump(mode="json")
@@ -63,10 +75,16 @@ class RequestRecord(BaseModel):
 
 def check_id(request_id: str) -> str:
     """Ids name storage keys: only the exact shape we mint is accepted, before any store access."""
-    if not isinstance(request_id, str) or not ID_RE.match(request_id):
+    if not isinstance(request_id, str) or not ID_RE.fullmatch(request_id):  # `$` would let "...\n" through
         shown = repr(request_id)[:80]
         raise RequestError(f"invalid request id {shown}: ids look like 'req-' + 16 hex digits (see `requests list`)")
     return request_id
+
+
+def check_state(state: str | None) -> str | None:
+    if state is not None and state not in STATES:
+        raise RequestError(f"unknown state '{state}': one of {', '.join(STATES)}")
+    return state
 
 
 def _plain_text(value: str, what: str, limit: int) -> str:

@@ -5,8 +5,13 @@ after another on top of the serving version (or the base model), gate every step
 something passed, commit one new version and move the alias. The commit protocol is in
 `ray_unlearn.requests.lineage`; the queue's in `ray_unlearn.requests.queue`.
 
-Per request, from the current weights: snapshot the trainable weights, train on that request
-alone, then gate: (1) forgotten (SSCD below the threshold and not artifact texture), (2) integrity
+First, what dead processors left behind on this machine: their scratch directories (requesters'
+pictures) are removed and their MLflow runs ended KILLED. Per request, gate (0) before any
+training: the base model must produce the picture (SSCD of its output for the seed, or of its
+reconstruction of the picture, at or above the threshold), else the request ends `not_produced`
+unless an operator overrode it. Then, from the current weights: snapshot the trainable weights,
+train on that request alone (a non-finite loss or gradient fails it: "diverged (NaN at step k)"),
+then gate: (1) forgotten (SSCD below the threshold and not artifact texture), (2) integrity
 SSIM against the base model at or above the bound, (3) every request done before it, in earlier
 batches or this one, still forgotten. A failed gate restores the snapshot; (1) and an unusable
 image fail the request; (2) and (3) depend on what came before it, so the request goes back to
@@ -18,95 +23,44 @@ to crash after: upload the hotfix -> manifest -> checkpoint each request -> deci
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import socket
 import tempfile
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ray_unlearn.requests.common import (
+    REQUESTS_EXPERIMENT, BatchAborted, BatchContext, Outcome, Transitions, make_holder,
+)
 from ray_unlearn.requests.lease import LeaseKeeper
 from ray_unlearn.requests.lineage import BASE, Lineage, LineageError, parent_key
-from ray_unlearn.requests.models import LeaseLost, RequestRecord
+from ray_unlearn.requests.models import RequestError, RequestRecord
 from ray_unlearn.requests.queue import Queue
-from ray_unlearn.storage import open_store
+from ray_unlearn.requests.scratch import Scratch, sweep
+from ray_unlearn.storage import open_store, store_uri
 
-REQUESTS_EXPERIMENT = "ray-unlearn-requests"
-EXIT_OK, EXIT_RETURNED = 0, 3
+logger = logging.getLogger(__name__)
 
-
-class BatchAborted(RuntimeError):
-    """The batch stops and ships nothing (a lease was lost, the lineage moved, a gate failed)."""
-
-
-def make_holder() -> str:
-    return f"{socket.gethostname()[:60]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-@dataclass
-class Outcome:
-    """What one run did, for the CLI and scripts."""
-
-    holder: str
-    batch: str | None = None
-    parent: str | None = None
-    version: int | None = None
-    status: str = "idle"  # idle | promoted | nothing-passed | returned | aborted
-    message: str = ""
-    requests: list[dict] = field(default_factory=list)  # {id, result, reason, ...}
-    reverified: list[dict] = field(default_factory=list)
-    integrity: dict | None = None
-    wall_seconds: float = 0.0
-    gpus: list = field(default_factory=list)  # the GPU ids Ray gave the batch (--gpu); [] in-process
-
-    @property
-    def exit_code(self) -> int:
-        returned = any(r["result"] == "returned" for r in self.requests)
-        return EXIT_RETURNED if returned or self.status == "aborted" else EXIT_OK
-
-    def add(self, rid: str, result: str, reason: str | None = None, **extra) -> None:
-        self.requests.append({"id": rid, "result": result, "reason": reason, **extra})
-
-    def public(self) -> dict:
-        return {**asdict(self), "exit_code": self.exit_code}
-
-    def summary(self) -> str:
-        lines = [f"batch {self.batch or '-'}: {self.status}" + (f" ({self.message})" if self.message else "")]
-        for r in self.requests:
-            lines.append(f"  {r['id']}  {r['result']:<8}" + (f" version {r['version']}" if r.get("version") else "")
-                         + (f"  {r['reason']}" if r.get("reason") else ""))
-        if self.integrity:
-            i = self.integrity
-            lines.append(f"integrity vs base on {i['n']} seeds: SSIM {i['ssim']} (bound {i.get('min_ssim')}) "
-                         f"LPIPS {i['lpips']} FID {i['fid']}")
-        if self.reverified:
-            ok = sum(r["forgotten"] is True for r in self.reverified)
-            skipped = sum(r["forgotten"] is None for r in self.reverified)
-            lines.append(f"re-verified on the new version: {ok}/{len(self.reverified)} forgotten"
-                         + (f" ({skipped} without seed or image: not re-verifiable)" if skipped else ""))
-        lines.append(f"({self.wall_seconds} s; evidence: `ray-unlearn requests show ID`)")
-        return "\n".join(lines)
+__all__ = ["BatchAborted", "Outcome", "Processor", "REQUESTS_EXPERIMENT", "make_holder", "run_batch"]
 
 
 class Processor:
-    def __init__(self, store: str, *, tracking_uri: str | None = None, model_name: str | None = None,
+    def __init__(self, store: str | None = None, *, tracking_uri: str | None = None, model_name: str | None = None,
                  limit: int = 8, retention: str = "delete", config_path: str | None = None,
-                 overrides: list[str] = (), lease_seconds: float = 900.0, max_attempts: int = 5,
-                 holder: str | None = None, log=print):
+                 overrides: list[str] = (), lease_seconds: float = 900.0, renew_seconds: float | None = None,
+                 max_attempts: int = 5, holder: str | None = None, train_unproduced: bool = False,
+                 scratch_root: str | None = None):
         from ray_unlearn.platform.tracking import DEFAULT_MODEL_NAME, Registry
 
-        if retention not in ("delete", "keep"):
-            raise ValueError(f"retention must be 'delete' or 'keep', got {retention!r}")
-        if not 1 <= limit <= 300:  # the version's `requests` tag holds the ids (MLflow: 8000 chars)
-            raise ValueError(f"--limit must be between 1 and 300, got {limit}")
+        check_options(limit=limit, retention=retention, lease_seconds=lease_seconds, renew_seconds=renew_seconds,
+                      max_attempts=max_attempts)
         self.holder = holder or make_holder()
-        self.store = open_store(store)
+        self.store = open_store(store_uri(store))
+        self.lease_seconds = lease_seconds
+        self.renew_seconds = renew_seconds or lease_seconds / 3
         # the queue's own give-up (at claim time) could fail a request that a crashed run already
         # committed; this processor gives up itself, after checking the lineage (see _triage)
         self.queue = Queue(self.store, lease_seconds=lease_seconds, max_attempts=2**31)
@@ -115,40 +69,84 @@ class Processor:
         self.lineage = Lineage(self.store, self.registry, self.holder)
         self.limit, self.retention, self.max_attempts = limit, retention, max_attempts
         self.config_path, self.overrides = config_path, list(overrides)
-        self.lease_seconds = lease_seconds
-        self.log = log
+        self.train_unproduced, self.scratch_root = train_unproduced, scratch_root
+        self.ctx = BatchContext(store=self.store, queue=self.queue, lineage=self.lineage, registry=self.registry,
+                                holder=self.holder, tracking_uri=self.tracking_uri, limit=limit, retention=retention,
+                                max_attempts=max_attempts)
 
     # ---- the run ------------------------------------------------------------------------------
     def run(self) -> Outcome:
         t0 = time.perf_counter()
         out = Outcome(self.holder)
-        serving = self.lineage.advance(self.log)
+        self._clean_up_after_the_dead()
+        serving = self.lineage.advance()
         cfg = self.settings(serving)  # before claiming: a bad setting touches no request
         self._finish_purges()
         claimed = self.queue.claim(self.holder, self.limit)
+        out.claimed_elsewhere = self._claimed_elsewhere()
         if not claimed:
-            out.message = "no pending requests"
+            out.message = "no pending requests" + "".join(
+                f"; {c['n']} request(s) are claimed by {c['holder']} whose lease expires at {c['expires_at']}"
+                for c in out.claimed_elsewhere)
             return out
-        self.log(f"claimed {len(claimed)} request(s) as {self.holder}")
-        keeper = LeaseKeeper(self.queue, self.holder, [r.id for r in claimed], self.lease_seconds / 3, self.log)
+        logger.info("claimed %d request(s) as %s", len(claimed), self.holder)
+        for c in out.claimed_elsewhere:
+            logger.info("%d other request(s) are claimed by %s whose lease expires at %s", c["n"], c["holder"],
+                        c["expires_at"])
+        keeper = LeaseKeeper(self.queue, self.holder, [r.id for r in claimed], self.renew_seconds)
+        moves = Transitions(self.ctx, keeper, out)
         try:
-            todo = self._triage(claimed, keeper, out)
-            if todo:
-                from ray_unlearn.requests.batch import Batch
+            with Scratch(self.holder, self.scratch_root) as scratch:
+                todo = self._triage(claimed, moves)
+                if todo:
+                    from ray_unlearn.requests.batch import Batch, BatchSettings
 
-                fresh = self.lineage.advance(self.log)  # triage may have rolled a batch forward
-                if parent_key(fresh) != parent_key(serving):
-                    serving, cfg = fresh, self._settings_or_abort(fresh)
-                Batch(self, keeper, serving, cfg, out).run(todo)
+                    fresh = self.lineage.advance()  # triage may have rolled a batch forward
+                    if parent_key(fresh) != parent_key(serving):
+                        serving, cfg = fresh, self._settings_or_abort(fresh)
+                    settings = BatchSettings(cfg=cfg, serving=serving, scratch=scratch,
+                                             train_unproduced=self.train_unproduced)
+                    Batch(self.ctx, moves, keeper, settings, out).run(todo)
         except BatchAborted as err:
             out.status, out.message = "aborted", str(err)
-            self.log(f"batch stopped, nothing shipped: {err}")
+            logger.warning("batch stopped, nothing shipped: %s", err)
             for rid in keeper.held_ids():
-                self._release(keeper, rid, out, str(err))
+                moves.release(rid, str(err))
         finally:
             keeper.stop()
         out.wall_seconds = round(time.perf_counter() - t0, 2)
         return out
+
+    def _clean_up_after_the_dead(self) -> None:
+        """What processors that died (SIGKILL, OOM, a lost node) left behind: their scratch (the
+        requesters' pictures) and their MLflow runs, still RUNNING."""
+        sweep(self.scratch_root)
+        from ray_unlearn.platform.batches import end_abandoned_runs
+
+        try:
+            end_abandoned_runs(self.tracking_uri, REQUESTS_EXPERIMENT, self._holder_gone)
+        except Exception as err:  # tracking is evidence, not the protocol: a batch may still run
+            logger.warning("could not end the MLflow runs of dead processors (%s: %s)", type(err).__name__, err)
+
+    def _holder_gone(self, holder: str, started_ms: int) -> bool:
+        """A holder on this host is gone when its process is; one elsewhere, when it holds no
+        live lease and its run is older than a lease (it would have renewed by then)."""
+        host, _, rest = holder.rpartition("-")[0].rpartition("-")
+        pid = rest if rest.isdigit() else None
+        if host == socket.gethostname()[:60] and pid is not None:
+            return not _pid_alive(int(pid))
+        if time.time() - started_ms / 1000 < 2 * self.lease_seconds:
+            return False
+        return not any(c["holder"] == holder for c in self._claimed_elsewhere())
+
+    def _claimed_elsewhere(self) -> list[dict]:
+        """Live leases of other holders, grouped: who holds how many requests, until when."""
+        now, by = datetime.now(timezone.utc), {}
+        for rec in self.queue.list("claimed"):
+            if rec.lease_holder != self.holder and rec.lease_expires_at and rec.lease_expires_at > now:
+                by.setdefault(rec.lease_holder, []).append(rec.lease_expires_at)
+        return [{"holder": h, "n": len(t), "expires_at": max(t).isoformat(timespec="seconds")}
+                for h, t in sorted(by.items())]
 
     # ---- settings ---------------------------------------------------------------------------------
     def settings(self, serving):
@@ -158,10 +156,10 @@ class Processor:
 
         base = None
         if self.config_path is None:
-            stored = stored_config(self, serving)
+            stored = stored_config(self.ctx, serving)
             if stored:
                 base = {k: v for k, v in stored.items() if k not in ("targets", "cache_dir")}
-                self.log(f"settings: those of version {serving.version} (override with --config / --set)")
+                logger.info("settings: those of version %s (override with --config / --set)", serving.version)
         cfg = load_config(self.config_path, self.overrides, base=base)
         if cfg.targets:
             raise ConfigError("a batch's targets are its requests: remove `targets` from the config")
@@ -180,7 +178,7 @@ class Processor:
             raise BatchAborted(str(err)) from None
 
     # ---- requests a crashed run left behind -----------------------------------------------------
-    def _triage(self, claimed: list[RequestRecord], keeper: LeaseKeeper, out: Outcome) -> list[RequestRecord]:
+    def _triage(self, claimed: list[RequestRecord], moves: Transitions) -> list[RequestRecord]:
         """Complete the claimed requests that a committed batch already applied; give up on those
         claimed too often; the rest is this batch's work."""
         todo = []
@@ -192,13 +190,16 @@ class Processor:
                     committed = batch
                     break
             if committed is not None:
-                self.lineage.advance(self.log)
-                self._complete_committed(rec, committed, keeper, out)
+                self.lineage.advance()
+                m = self.lineage.manifest(committed)
+                v = self.registry.register(m["hotfix"], run_id=m.get("run_id"), tags=m["tags"],
+                                           idempotency_key=committed)
+                moves.complete(rec.id, m["evidence"][rec.id], v.version, recovered=True)
             elif rec.attempts > self.max_attempts:
                 last = (rec.evidence.get("last_attempt") or {}).get("reason")
                 why = f"gave up after {rec.attempts - 1} attempts" + (f"; the last: {last}" if last else
                                                                        " (the processor died or lost the lease each time)")
-                self._fail(keeper, rec.id, why, out)
+                moves.fail(rec.id, why)
             else:
                 todo.append(rec)
         return todo
@@ -213,103 +214,78 @@ class Processor:
                 out.append((ev["batch"], str(ev.get("parent", BASE))))
         return out
 
-    def _complete_committed(self, rec: RequestRecord, batch: str, keeper: LeaseKeeper, out: Outcome) -> None:
-        m = self.lineage.manifest(batch)
-        v = self.registry.register(m["hotfix"], run_id=m.get("run_id"), tags=m["tags"], idempotency_key=batch)
-        self.complete(keeper, rec.id, m["evidence"][rec.id], v.version, out, recovered=True)
-
     def _finish_purges(self) -> None:
         """A run that died between `complete` and `purge_image` left an image behind: delete it."""
         for rec in self.queue.list("done"):
             if rec.image_key is not None and rec.evidence.get("retention") == "delete":
                 self.queue.purge_image(rec.id)
 
-    # ---- queue transitions, each dropping the request from the lease keeper first ----------------
-    def complete(self, keeper: LeaseKeeper, rid: str, evidence: dict, version: int, out: Outcome,
-                 recovered: bool = False) -> None:
-        keeper.drop(rid)
-        evidence = {**evidence, "versions": {**evidence.get("versions", {}), "new": version},
-                    "times": {**evidence.get("times", {}), "completed_at": _now()}, "retention": self.retention}
-        try:
-            self.queue.complete(rid, self.holder, evidence)
-        except LeaseLost as err:  # the batch is committed: whoever retook it completes it
-            self.log(f"{rid}: {err}")
-            return
-        if self.retention == "delete":
-            self.queue.purge_image(rid)
-        note = " (finished a crashed run's committed batch)" if recovered else ""
-        self.log(f"{rid}: done in version {version}{note}; image {'purged' if self.retention == 'delete' else 'kept'}")
-        out.add(rid, "done", None, version=version, recovered=recovered)
 
-    def _fail(self, keeper: LeaseKeeper, rid: str, reason: str, out: Outcome, **extra) -> None:
-        keeper.drop(rid)
-        try:
-            self.queue.fail(rid, self.holder, reason[:1900])
-        except LeaseLost as err:
-            self.log(f"{rid}: {err}")
-            return
-        self.log(f"{rid}: FAILED: {reason}")
-        out.add(rid, "failed", reason, **extra)
-
-    def _release(self, keeper: LeaseKeeper, rid: str, out: Outcome, reason: str, evidence: dict | None = None) -> None:
-        keeper.drop(rid)
-        try:
-            self.queue.checkpoint(rid, self.holder, {"last_attempt": {"holder": self.holder, "at": _now(),
-                                                                      "reason": reason[:1500], **(evidence or {})}})
-            self.queue.release(rid, self.holder)
-        except LeaseLost as err:
-            self.log(f"{rid}: {err}")
-            return
-        self.log(f"{rid}: returned to pending: {reason}")
-        out.add(rid, "returned", reason)
-
-    def release_or_fail(self, keeper: LeaseKeeper, rec: RequestRecord, reason: str, out: Outcome,
-                        evidence: dict | None = None) -> None:
-        if rec.attempts >= self.max_attempts:
-            self._fail(keeper, rec.id, f"{reason} (attempt {rec.attempts} of {self.max_attempts})", out)
-        else:
-            self._release(keeper, rec.id, out, reason, evidence)
+_CHECKED = ("limit", "retention", "lease_seconds", "renew_seconds", "max_attempts")
 
 
-def stored_config(processor: Processor, serving) -> dict | None:
+def check_options(*, limit: int = 8, retention: str = "delete", lease_seconds: float = 900.0,
+                  renew_seconds: float | None = None, max_attempts: int = 5) -> None:
+    """The processor's options, checked before anything is read or claimed (RequestError: usage)."""
+    if retention not in ("delete", "keep"):
+        raise RequestError(f"--retention must be 'delete' or 'keep', got {retention!r}")
+    if not 1 <= limit <= 300:  # the version's `requests` tag holds the ids (MLflow: 8000 chars)
+        raise RequestError(f"--limit must be between 1 and 300, got {limit}")
+    if max_attempts < 1:
+        raise RequestError(f"--max-attempts must be at least 1, got {max_attempts}: with 0 every claimed request "
+                           "would fail without being tried")
+    renew = renew_seconds if renew_seconds is not None else lease_seconds / 3
+    if not lease_seconds > 0 or not renew > 0:
+        raise RequestError(f"--lease-seconds ({lease_seconds}) and the renewal period ({renew}) must be positive")
+    if lease_seconds <= renew:
+        raise RequestError(f"--lease-seconds ({lease_seconds}) must be longer than the renewal period "
+                           f"--renew-seconds ({renew}), three times is safe: a lease that runs out between two "
+                           "renewals is lost and the batch ships nothing")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def stored_config(ctx: BatchContext, serving) -> dict | None:
     """The settings the serving version was made with: its `config_uri` tag (a batch's config in
     the store), else the config in its MLflow run's report.json (a search or `unlearn` run)."""
     if serving is None:
         return None
     uri = serving.tags.get("config_uri")
     if uri:
-        root = processor.store.uri()
+        root = ctx.store.uri()
         key = uri[len(root):].lstrip("/") if uri.startswith(root) else None
         if key is None:
             raise LineageError(f"version {serving.version}'s config_uri {uri} is outside the store {root}")
-        return processor.store.get_json(key)
+        return ctx.store.get_json(key)
     if serving.run_id:
-        import json
-
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                path = processor.registry.client.download_artifacts(serving.run_id, "report.json", tmp)
+                path = ctx.registry.client.download_artifacts(serving.run_id, "report.json", tmp)
                 return json.loads(Path(path).read_text()).get("config")
         except Exception:  # no report logged with that run: the built-in defaults apply
             return None
     return None
 
 
-def run_batch(*, store: str, gpu: bool = False, log=print, **options) -> Outcome:
+def run_batch(*, store: str | None = None, gpu: bool = False, **options) -> Outcome:
     """One batch, in this process or (gpu=True) as a Ray task that holds one GPU."""
     if not gpu:
-        return Processor(store, log=log, **options).run()
-    import ray
+        return Processor(store, **options).run()
+    check_options(**{k: v for k, v in options.items() if k in _CHECKED})  # here, not after Ray started
+    from ray_unlearn.platform.batches import run_on_gpu
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
-    task = ray.remote(num_gpus=1, max_retries=0)(_remote_batch)  # a retry would be a second holder: no
-    return ray.get(task.remote(store, options))
-
-
-def _remote_batch(store: str, options: dict) -> Outcome:
-    import ray
-
-    out = Processor(store, log=lambda msg: print(msg, flush=True), **options).run()
-    out.gpus = [str(g) for g in ray.get_gpu_ids()]  # evidence of where it ran
+    out, gpus = run_on_gpu(_process_in_worker, store_uri(store), options)
+    out.gpus = gpus  # evidence of where it ran
     return out
+
+
+def _process_in_worker(store: str, options: dict) -> Outcome:
+    return Processor(store, **options).run()

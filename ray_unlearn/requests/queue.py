@@ -41,13 +41,17 @@ from pathlib import Path
 
 from ray_unlearn.requests.images import DEFAULT_FORMATS, normalise_image
 from ray_unlearn.requests.models import (
-    ID_RE, TERMINAL, LeaseLost, RequestError, RequestNotFound, RequestRecord,
-    check_holder, check_id, check_note, check_reason, check_seed,
+    ID_RE, REQUEUABLE, TERMINAL, LeaseLost, RequestError, RequestNotFound, RequestRecord,
+    check_holder, check_id, check_note, check_reason, check_seed, check_state,
 )
 from ray_unlearn.storage import Store, StorageError, check_key
 
 _EVENT_RE = re.compile(r"(?:^|/)(req-[0-9a-f]{16})/events/(\d{8})\.json$")
 _RETRIES = 20  # re-reads after losing a race to another writer of the same request
+# Pictures larger than this on a side are downscaled at the door (aspect kept; the original's hash
+# is recorded): above the largest resolution the shipped families train at (Stable Diffusion XL:
+# 1024 px), so a request never costs a batch more than that. Set it to your model's size.
+DEFAULT_MAX_SIDE = 1024
 
 
 def _utcnow() -> datetime:
@@ -56,13 +60,13 @@ def _utcnow() -> datetime:
 
 class Queue:
     def __init__(self, store: Store, *, prefix: str = "requests", max_bytes: int = 20_000_000,
-                 max_pixels: int = 40_000_000, allowed_formats=DEFAULT_FORMATS, lease_seconds: float = 900.0,
+                 max_side: int = DEFAULT_MAX_SIDE, allowed_formats=DEFAULT_FORMATS, lease_seconds: float = 900.0,
                  max_attempts: int = 5, clock: Callable[[], datetime] | None = None):
-        if lease_seconds <= 0 or max_attempts < 1 or max_bytes < 1 or max_pixels < 1:
-            raise ValueError("lease_seconds, max_attempts, max_bytes and max_pixels must be positive")
+        if lease_seconds <= 0 or max_attempts < 1 or max_bytes < 1 or max_side < 1:
+            raise ValueError("lease_seconds, max_attempts, max_bytes and max_side must be positive")
         self.store = store
         self.prefix = check_key(prefix.strip("/"))
-        self.max_bytes, self.max_pixels = max_bytes, max_pixels
+        self.max_bytes, self.max_side = max_bytes, max_side
         self.allowed_formats = frozenset(f.upper() for f in allowed_formats)
         self.lease = timedelta(seconds=lease_seconds)
         self.max_attempts = max_attempts
@@ -96,8 +100,7 @@ class Queue:
         return self._require(request_id)[1]
 
     def list(self, state: str | None = None) -> list[RequestRecord]:
-        if state is not None and state not in ("pending", "claimed", *TERMINAL):
-            raise RequestError(f"unknown state '{state}': one of pending, claimed, done, failed, invalid")
+        check_state(state)
         if state in ("pending", "claimed"):
             ids = self._open_ids()
         else:
@@ -122,7 +125,7 @@ class Queue:
 
     def _open_ids(self) -> list[str]:
         base = self._open_key("")
-        return [k[len(base):] for k in self.store.list(base) if ID_RE.match(k[len(base):])]
+        return [k[len(base):] for k in self.store.list(base) if ID_RE.fullmatch(k[len(base):])]
 
     # ---- writing ----------------------------------------------------------------------------
     def _append(self, seq: int, before: RequestRecord | None, after: RequestRecord, event: str,
@@ -153,7 +156,7 @@ class Queue:
     def submit(self, image: str | Path | bytes, seed: int | None = None, note: str | None = None) -> tuple[RequestRecord, bool]:
         """Check, normalise and store a request; (the existing request, False) for a picture already submitted."""
         seed, note = check_seed(seed), check_note(note)
-        img = normalise_image(self._read(image), max_bytes=self.max_bytes, max_pixels=self.max_pixels,
+        img = normalise_image(self._read(image), max_bytes=self.max_bytes, max_side=self.max_side,
                               allowed_formats=self.allowed_formats)
         rid = "req-" + img.sha256[:16]
         for _ in range(2):
@@ -165,7 +168,8 @@ class Queue:
             now = self._clock()
             rec = RequestRecord(id=rid, content_sha256=img.sha256, seed=seed, note=note, width=img.width,
                                 height=img.height, mode=img.mode, source_format=img.source_format,
-                                created_at=now, updated_at=now, image_key=f"{self.prefix}/{rid}/image.png")
+                                created_at=now, updated_at=now, image_key=f"{self.prefix}/{rid}/image.png",
+                                original_sha256=img.original_sha256, original_size=img.original_size)
             self.store.put_bytes(self._open_key(rid), b"")  # indexed before it exists: never unlisted
             self.store.put_bytes(rec.image_key, img.png)
             if self._append(0, None, rec, "submit"):
@@ -176,6 +180,8 @@ class Queue:
         if isinstance(image, (bytes, bytearray, memoryview)):
             return bytes(image)
         path = Path(image)
+        if path.is_dir():
+            raise RequestError(f"{path} is a directory: give the image file inside it")
         if not path.is_file():
             raise RequestError(f"image not found: {path}")
         if path.stat().st_size > self.max_bytes:  # before reading it into memory
@@ -279,6 +285,40 @@ class Queue:
             return {"state": "invalid", "reason": reason, "lease_holder": None, "lease_expires_at": None}
         return self._update(request_id, "invalid", change, reason=reason)
 
+    def not_produced(self, request_id: str, holder: str, reason: str, evidence: dict) -> RequestRecord:
+        """The model does not generate the picture: nothing to remove (terminal, with the figures)."""
+        check, reason, evidence = self._held(holder), check_reason(reason), _json_dict(evidence)
+
+        def change(rec, now):
+            check(rec)
+            return {"state": "not_produced", "reason": reason, "evidence": {**rec.evidence, **evidence},
+                    "lease_holder": None, "lease_expires_at": None}
+        return self._update(request_id, "not_produced", change, holder, reason)
+
+    def requeue(self, request_id: str, reason: str, *, train_anyway: bool = False) -> RequestRecord:
+        """An operator's decision: a failed or not_produced request goes back to pending, its
+        attempts counted afresh, on the ledger with the reason. `train_anyway`: the next batch
+        trains on it although the model does not produce it (the override is kept on the record)."""
+        reason = check_reason(reason)
+
+        def change(rec, now):
+            if rec.state not in REQUEUABLE:
+                raise RequestError(f"{rec.id} is {rec.state}: only failed or not_produced requests can be requeued")
+            if rec.image_key is None:
+                raise RequestError(f"{rec.id}: its image was purged, so there is nothing to train on; "
+                                   "ask the requester to submit the picture again after marking this one invalid")
+            fields = {"state": "pending", "attempts": 0, "reason": None, "lease_holder": None, "lease_expires_at": None}
+            if train_anyway:
+                fields["produced_override"] = reason
+            return fields
+
+        # back in the index of open requests: before (a crash after the event leaves it indexed) and
+        # after (a claim that saw the terminal head meanwhile deleted the first marker)
+        self.store.put_bytes(self._open_key(check_id(request_id)), b"")
+        rec = self._update(request_id, "requeue", change, reason=reason)
+        self.store.put_bytes(self._open_key(rec.id), b"")
+        return rec
+
     def purge_image(self, request_id: str) -> RequestRecord:
         """Delete the stored image of a finished request; its record, evidence and ledger stay."""
         _, rec = self._require(request_id)
@@ -290,6 +330,20 @@ class Queue:
         def change(rec, now):
             return None if rec.image_key is None else {"image_key": None}
         return self._update(request_id, "purge_image", change)
+
+
+def duplicate_notice(rec: RequestRecord, seed: int | None, note: str | None) -> str | None:
+    """What a resubmission of an already queued picture did not change (None: nothing differs)."""
+    parts = []
+    seed, note = check_seed(seed), check_note(note)
+    if seed is not None and seed != rec.seed:
+        parts.append(f"kept the first submission's seed {rec.seed} (this one gave {seed})")
+    if note is not None and note != rec.note:
+        parts.append("kept the first submission's note" + (f" {rec.note[:60]!r}" if rec.note else " (none)")
+                     + "; this one's was not stored")
+    if not parts:
+        return None
+    return "; ".join(parts)
 
 
 def _json_dict(evidence: dict) -> dict:
