@@ -115,7 +115,7 @@ def unlearn(
     set_: SetOpt = [],  # noqa: B006 - typer needs a literal default
     target: TargetOpt = [],  # noqa: B006
     target_seed: TargetSeedOpt = [],  # noqa: B006
-    method: Annotated[Optional[str], typer.Option("--method", "-m", help="surrogate | neggrad | erasediff | siss")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="The unlearning method (`ray-unlearn methods` lists them).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("runs/unlearn"),
     json_out: JsonOpt = False,
@@ -200,7 +200,7 @@ def train(
     set_: SetOpt = [],  # noqa: B006
     target: TargetOpt = [],  # noqa: B006
     target_seed: TargetSeedOpt = [],  # noqa: B006
-    method: Annotated[Optional[str], typer.Option("--method", "-m", help="surrogate | neggrad | erasediff | siss")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="The unlearning method (`ray-unlearn methods` lists them).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray Train workers (one per GPU).")] = 1,
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Train on GPUs (default: if the cluster has any).", show_default=False)] = None,
@@ -337,7 +337,7 @@ def search(
     set_: SetOpt = [],  # noqa: B006
     target: TargetOpt = [],  # noqa: B006
     target_seed: TargetSeedOpt = [],  # noqa: B006
-    space: Annotated[str, typer.Option("--space", help="A search_spaces/ name (surrogate, neggrad, erasediff, siss, demo) or a YAML file.")] = "surrogate",
+    space: Annotated[str, typer.Option("--space", help="A shipped search space (one per method, and demo: search_spaces/) or a YAML file.")] = "surrogate",
     trials: Annotated[int, typer.Option("--trials", min=1, help="Trials to run.")] = 16,
     workers: Annotated[int, typer.Option("--workers", min=1, help="Ray Train workers per trial (one per GPU).")] = 1,
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Train on GPUs (default: if the cluster has any).", show_default=False)] = None,
