@@ -59,3 +59,25 @@ def test_sdedit_stays_on_reference_ddim_with_a_fast_sampler():
         scheduler=tiny_scheduler())
     x = torch.rand(2, 1, 16, 16)
     assert torch.equal(fast.sdedit(x, 0.5, 3), ddim.sdedit(x, 0.5, 3))
+
+
+def test_compiled_sampling_pads_the_last_batch_and_drops_the_padding(monkeypatch):
+    """With sampler.compile the last batch is padded to the batch size (one shape, one
+    compilation); the outputs are those of uncompiled sampling. torch.compile is replaced by a
+    recorder here: what is tested is the shapes the UNet sees and the outputs."""
+    shapes = []
+
+    def fake_compile(model):
+        def run(x, t):
+            shapes.append(len(x))
+            return model(x, t)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    noise = family("sde-dpmsolver++").initial_noise([1, 2, 3])
+    plain = family("sde-dpmsolver++", batch_size=2).generate(noise)
+    fam = DDPMFamily(ModelConfig(path="tiny"), SamplerConfig(kind="sde-dpmsolver++", steps=5, batch_size=2, compile=True),
+                     unet=tiny_unet(), scheduler=tiny_scheduler())
+    compiled = fam.generate(noise)
+    assert set(shapes) == {2} and len(compiled) == 3
+    assert torch.allclose(compiled, plain, atol=1e-5)

@@ -190,10 +190,12 @@ class DDPMFamily(DiffusionFamily):
 
     def _noise_generators(self, seeds: list[int]) -> list[torch.Generator] | None:
         """Per-sample generators for the sampler's noise (DDIM eta > 0, SDE solvers), so a sample
-        never depends on its batch."""
+        never depends on its batch. They live on the sampling device: on a GPU, per-sample noise
+        drawn on the host each step would cost more than the UNet step at large batches (on CPU
+        the stream is the same as ever)."""
         if not self._stochastic():
             return None
-        return [torch.Generator().manual_seed(int(s) & 0xFFFF_FFFF_FFFF) for s in seeds]
+        return [torch.Generator(device=self.device).manual_seed(int(s) & 0xFFFF_FFFF_FFFF) for s in seeds]
 
     def sampling_model(self, model: nn.Module | None = None) -> nn.Module:
         """The UNet to sample with: compiled once per module when `sampler.compile` is set."""
@@ -212,7 +214,7 @@ class DDPMFamily(DiffusionFamily):
             eps = self.predict(x, t.expand(len(x)), model=net)
             var = None
             if gens is not None:
-                var = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, x.dtype)
+                var = torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device) for g in gens]).to(x.device, x.dtype)
             if isinstance(solver, DDIMScheduler):
                 x = solver.step(eps, t, x, eta=self.sampler.eta, variance_noise=var).prev_sample
             else:
@@ -234,12 +236,17 @@ class DDPMFamily(DiffusionFamily):
         for i in tqdm(chunks, desc=progress, disable=progress is None or len(chunks) == 0, leave=False):
             solver = self._solver()
             chunk = noise[i : i + bs]
+            n = len(chunk)
             # the sampler noise of a sample is seeded by its initial noise: reproducible per sample
-            gens = None
-            if self._stochastic():
-                gens = self._noise_generators([int(content_hash(n)[:12], 16) for n in chunk])
+            seeds = [int(content_hash(c)[:12], 16) for c in chunk]
+            if self.sampler.compile and n < bs and len(noise) > bs:
+                # a compiled UNet sees one batch shape (one compilation): pad the last batch with
+                # zero noise and drop those outputs (samples are batch-independent)
+                chunk = torch.cat([chunk, chunk.new_zeros(bs - n, *chunk.shape[1:])])
+                seeds += [0] * (bs - n)
+            gens = self._noise_generators(seeds)
             x = chunk.to(self.device) * solver.init_noise_sigma
-            out.append(self.decode(self._denoise(x, solver.timesteps, solver, model, gens)).cpu())
+            out.append(self.decode(self._denoise(x, solver.timesteps, solver, model, gens))[:n].cpu())
         model.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.channels, *self.size)
 
@@ -263,7 +270,8 @@ class DDPMFamily(DiffusionFamily):
         model.eval()
         gens = None
         if self.sampler.eta > 0:
-            gens = [torch.Generator().manual_seed(int(s) & 0xFFFF_FFFF_FFFF) for s in (seed * 100_003 + i for i in range(len(x)))]
+            gens = [torch.Generator(device=self.device).manual_seed(int(s) & 0xFFFF_FFFF_FFFF)
+                    for s in (seed * 100_003 + i for i in range(len(x)))]
         out = self._denoise(x, timesteps, ddim, model, gens)
         model.train(was_training)
         return self.decode(out).cpu()
