@@ -171,3 +171,22 @@ def test_s3_endpoint_without_conditional_writes_is_refused():
     s = S3Store("b", "p", client=_IgnoresConditions())
     with pytest.raises(StorageError, match="ignores conditional writes"):
         s.put_if_absent("locks/x", b"1")
+
+
+def test_the_engine_loads_local_models_only_and_the_platform_downloads_first(moto_s3, tiny_model_dir, tmp_path):
+    from ray_unlearn.config import load_config
+    from ray_unlearn.engine import load_family
+    from ray_unlearn.platform.models import local_model, with_local_model
+
+    uri = f"s3://{BUCKET}/m-{uuid.uuid4().hex[:8]}/hotfix"
+    open_store(uri).upload_dir(tiny_model_dir, "")
+    cfg = load_config(None, [f"model.path={uri}", f"cache_dir={tmp_path / 'cache'}", "train.device=cpu"])
+    with pytest.raises(ValueError, match="download it first"):
+        load_family(cfg)
+    local = with_local_model(cfg)
+    path = Path(local.model.path)
+    assert path.is_relative_to(tmp_path / "cache" / "models") and (path / "unet" / "config.json").is_file()
+    assert local.model.model_dump(exclude={"path"}) == cfg.model.model_dump(exclude={"path"})
+    assert load_family(local, lora=False).channels == 1
+    assert with_local_model(local) is local  # already local: the same config
+    assert local_model(str(tiny_model_dir), cfg) == str(tiny_model_dir) and local_model("demo", cfg) == "demo"
