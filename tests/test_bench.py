@@ -36,6 +36,7 @@ def test_celebahq_architecture_matches_the_published_model():
     assert 490e9 < count_flops(lambda: unet(x, t)) < 505e9
 
 
+@pytest.mark.slow  # 10 s to minutes on 2 CPU cores, depending on what else runs
 def test_gpu_suite_tiny_runs_the_same_code_on_cpu(tmp_path, capsys):
     import benchmark
 
@@ -54,10 +55,12 @@ def test_gpu_suite_tiny_runs_the_same_code_on_cpu(tmp_path, capsys):
     assert res["ddpm_pipeline_fp32"]["batch"] == res["sampling_best"]["batch"]
     assert res["verification_ddim50_n"] == 2 and res["verification_dpmsolver++3_wall_s"] > 0
     assert res["peak_memory_gb"] is None  # CPU
+    assert res["log_sync_bf16"]["per_term_over_once"] > 0
     printed = capsys.readouterr().out
     assert "surgery / plain step (bf16)" in printed and "DDPMPipeline fp32 default" in printed
 
 
+@pytest.mark.slow
 def test_loop_benchmark_figures(tiny_model_dir, tmp_path):
     from ray_unlearn.bench import run_benchmark
     from ray_unlearn.config import load_config

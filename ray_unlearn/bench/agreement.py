@@ -117,6 +117,9 @@ def run_sampler_agreement(cfg: UnlearnConfig | None = None, fast_steps: int = 20
             got["ssim_agrees"] = got["ssim_delta"] is not None and abs(got["ssim_delta"]) <= SSIM_TOLERANCE
             row["candidates"][cname] = got
         rows.append(row)
+        if out is not None:  # partial results survive an interrupted run
+            Path(out).mkdir(parents=True, exist_ok=True)
+            (Path(out) / "sampler_agreement.partial.json").write_text(json.dumps(rows, indent=2) + "\n")
     summary = {}
     for cname in fast:
         cuts = [r["reference"]["evaluations_per_image"] / r["candidates"][cname]["evaluations_per_image"] for r in rows]

@@ -25,7 +25,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from ray_unlearn.bench.flops import Peaks, count_flops, sync
-from ray_unlearn.bench.loop_bench import device_name, make_loop, step_figures, timed
+from ray_unlearn.bench.loop_bench import device_name, log_sync_ratio, make_loop, step_figures, timed
 from ray_unlearn.config import ModelConfig, SamplerConfig, TrainConfig, UnlearnConfig
 from ray_unlearn.families.ddpm import DDPMFamily
 
@@ -49,9 +49,9 @@ TINY_UNET = dict(sample_size=16, in_channels=3, out_channels=3, layers_per_block
 # (GPU, tiny): what the suite runs
 SETTINGS = {
     False: dict(step_reps=5, hotfix_steps=240, batch_sizes=(32, 64, 128, 256), sample_steps_timed=5,
-                verify_n=1000, baseline_steps_timed=5, fast_steps=20),
+                verify_n=1000, baseline_steps_timed=5, fast_steps=20, log_sync_steps=10),
     True: dict(step_reps=1, hotfix_steps=2, batch_sizes=(2, 4), sample_steps_timed=2,
-               verify_n=2, baseline_steps_timed=2, fast_steps=3),
+               verify_n=2, baseline_steps_timed=2, fast_steps=3, log_sync_steps=2),
 }
 REFERENCE_STEPS = 50  # DDIM 50 eta 1, the reference verifier (SamplerConfig)
 DDPM_PIPELINE_DEFAULT_STEPS = 1000  # DDPMPipeline.__call__(num_inference_steps=1000)
@@ -178,6 +178,8 @@ def _run(tiny, device, s, compile, say, out, progress, t_start) -> dict:
     sync(device)
     res["hotfix_steps"] = s["hotfix_steps"]
     res["hotfix_wall_s"] = round(time.perf_counter() - t_h, 2)
+    # logging: .item() per term per step against one transfer per report
+    res["log_sync_bf16"] = log_sync_ratio(loop, s["log_sync_steps"])
     del loop
     phases["hotfix"] = time.perf_counter() - t0
 
@@ -259,6 +261,7 @@ def table(res: dict) -> list[tuple[str, str]]:
     rows.append(("DDPMPipeline fp32 default", f"batch {p['batch']}: {p['images_per_s_at_50_steps']} img/s at 50 steps "
                                               f"({p['images_per_s_default_1000_steps']} at its 1000), {mfu(p)}"))
     rows.append(("speedup per network evaluation", f"{res['sampling_speedup_per_evaluation']}x"))
+    rows.append((".item() per term / once per report", f"{res['log_sync_bf16']['per_term_over_once']}"))
     for k in [k for k in res if k.startswith("verification_") and k.endswith("_wall_s")]:
         rows.append((k.removesuffix("_wall_s").replace("_", " ") + f" x{res[k.removesuffix('_wall_s') + '_n']}",
                      f"{res[k]} s (measured)"))
