@@ -92,6 +92,7 @@ def test_global_damage_is_not_specific_forgetting():
     assert not row["forgotten"] and "not specific" in row["why"]
     assert spec["collateral"] == 1.0 and not res["integrity"]["ok"] and "collateral" in res["integrity"]["why"]
     assert not res["passed"] and len(spec["values"]) == 8
+    assert spec["target_margin"] == row["margin"] and spec["target_rank"] == row["rank"]
 
     res = ev.evaluate_outputs(cfg, Metrics(), targets, x[:1], blurred, x[4:12], x[4:12], x)
     row = res["targets"][0]
