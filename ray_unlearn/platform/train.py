@@ -23,6 +23,7 @@ Ray Train V2 (the default in Ray 2.60) rules this module relies on:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -42,6 +43,8 @@ from ray_unlearn.evaluate import integrity_seeds
 from ray_unlearn.hashing import content_hash
 from ray_unlearn.platform.models import with_local_model
 from ray_unlearn.storage import open_store, s3_endpoint
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "loop_state.pt"
 
@@ -144,19 +147,20 @@ def sharded_integrity_samples(prep, rank: int, world: int) -> torch.Tensor | Non
 def _maybe_fail(config: dict, rank: int, step: int) -> None:
     """Fault injection for tests and drills: exit hard once, at a given step, on a given rank.
 
-    `{"step": k, "rank": r, "marker": path, "after_s": s}`: the marker file makes it happen once
-    across restarts. `after_s` waits first: Ray Train registers a reported checkpoint only when
-    the controller next polls the workers (every 2 s by default), so a worker that dies right
-    after reporting may take its last checkpoint with it.
+    `{"step": k, "rank": r, "marker": path}`: the marker file makes it happen once across
+    restarts. Ray Train registers a reported checkpoint only when the controller next takes the
+    workers' reports, so a worker that died right after reporting could take its last checkpoint
+    with it. Every rank therefore reports once more first: a report returns only once the
+    controller took the previous one (and `report` is a barrier, so all ranks take part; each
+    checks the marker before it, the dying rank writes it after).
     """
     spec = config.get("fail_once")
-    if not spec or rank != spec.get("rank", 0) or step != spec["step"]:
+    if not spec or step != spec["step"] or Path(spec["marker"]).exists():
         return
-    marker = Path(spec["marker"])
-    if marker.exists():
+    ray.train.report({"step": step, "fault_drill": 1}, checkpoint=None)
+    if rank != spec.get("rank", 0):
         return
-    marker.write_text(f"failed at step {step}\n")
-    time.sleep(float(spec.get("after_s", 0)))
+    Path(spec["marker"]).write_text(f"failed at step {step}\n")
     os._exit(1)
 
 
@@ -290,6 +294,8 @@ def run_train(cfg: UnlearnConfig, *, num_workers: int = 1, use_gpu: bool = False
     """
     name = name or run_name(cfg, num_workers)
     path, filesystem = ray_storage(storage_path, endpoint_url)
+    logger.info("Ray Train run %s: %d %s worker(s), %d steps, storage %s", name, num_workers,
+                "GPU" if use_gpu else "CPU", cfg.train.steps, storage_path)
     local = filesystem is None and "://" not in path
     train_config = {
         "unlearn": cfg.model_dump(mode="json"),
