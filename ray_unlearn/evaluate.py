@@ -242,6 +242,11 @@ def evaluate_outputs(
     reference: torch.Tensor,
 ) -> dict:
     """All of a report's judgement, from outputs already generated."""
+    for name, images in (("the targets' base outputs", target_base_out), ("the targets' new outputs", target_new_out),
+                         ("the integrity base samples", integrity_base), ("the integrity new samples", integrity_new)):
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError(f"{name} contain non-finite pixels (NaN/inf): the model diverged; nothing to evaluate "
+                             "(lower train.lr and run again)")
     unavailable: dict[str, str] = {}
     threshold = _maybe(lambda: calibrate_threshold(cfg, metrics, reference), unavailable, "sscd")
     reference_hf = float(high_frequency_energy(integrity_base).max())
