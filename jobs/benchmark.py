@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--table", action="store_true", help="the paper's Table I on the demo model (hours on CPU; --tiny: seconds)")
     ap.add_argument("--targets", type=int, default=8, help="target seeds from the fixed RNG (--table)")
     ap.add_argument("--presets", nargs="+", default=["paper"], help="presets to run every method at (--table)")
+    ap.add_argument("--budget-minutes", type=float, default=None, help="start no new run after this long; "
+                                                                       "rerun the same command to finish (--table)")
     ap.add_argument("--json", action="store_true")
     return ap
 
@@ -63,7 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         sets = (*(TINY_SETS if a.tiny else ()), *a.sets)
         res = run_table(TableOptions(n_targets=a.targets, arms=default_arms(tuple(a.presets)), sets=sets,
-                                     out=Path(a.out or "runs/table"), progress=not a.json))
+                                     out=Path(a.out or "runs/table"), progress=not a.json,
+                                     budget_s=None if a.budget_minutes is None else 60 * a.budget_minutes))
         if not a.json:
             print((Path(a.out or "runs/table") / "table.md").read_text())
             return res

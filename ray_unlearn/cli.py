@@ -30,6 +30,7 @@ SetOpt = Annotated[list[str], typer.Option("--set", "-s", help="Override a confi
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the report as JSON (for scripts).")]
 TargetOpt = Annotated[list[Path], typer.Option("--target", help="Image file of an output to forget (repeatable).")]
 TargetSeedOpt = Annotated[list[int], typer.Option("--target-seed", help="Forget the base model's output for this seed (repeatable).")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Start from the method's preset: 'demo' (the defaults) or 'paper' (the paper's setup); --config and --set apply on top.", show_default=False)]
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -68,7 +69,7 @@ def _infra() -> tuple[type[BaseException], ...]:
     return infrastructure_errors()
 
 
-def _config(config, sets, method=None, steps=None, targets=(), target_seeds=()):
+def _config(config, sets, method=None, steps=None, targets=(), target_seeds=(), preset=None):
     from ray_unlearn.config import ConfigError, load_config
 
     overrides = list(sets)
@@ -77,7 +78,7 @@ def _config(config, sets, method=None, steps=None, targets=(), target_seeds=()):
     if steps is not None:
         overrides.append(f"train.steps={steps}")
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides, preset=preset)
         extra = [{"image": str(t)} for t in targets] + [{"seed": s} for s in target_seeds]
         if extra:
             from ray_unlearn.config import validate
@@ -125,11 +126,12 @@ def unlearn(
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="The unlearning method (`ray-unlearn methods` lists them).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("runs/unlearn"),
+    preset: PresetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Unlearn targets from a model (default: the shipped demo model); writes OUT/report.json,
     OUT/hotfix/ (a diffusers DDPMPipeline) and OUT/before_after.png."""
-    cfg = _config(config, set_, method, steps, target, target_seed)
+    cfg = _config(config, set_, method, steps, target, target_seed, preset)
     if not cfg.targets:
         _fail("no targets: give --target IMAGE and/or --target-seed N (or `targets:` in the config)")
     from ray_unlearn.engine import run_unlearning
@@ -177,16 +179,16 @@ def evaluate(
 
 @app.command()
 def methods(json_out: JsonOpt = False) -> None:
-    """List the unlearning methods and their settings."""
-    from ray_unlearn.config import EraseDiffConfig, NegGradConfig, SISSConfig, SurrogateMethodConfig
+    """List the unlearning methods, their settings and presets."""
+    from ray_unlearn.methods import METHODS
 
-    rows = {c().name: {"doc": (c.__doc__ or "").strip(), "settings": c().model_dump()}
-            for c in (SurrogateMethodConfig, NegGradConfig, EraseDiffConfig, SISSConfig)}
+    rows = {name: {"doc": (m.config.__doc__ or "").strip(), "settings": m.config().model_dump(),
+                   "presets": {"demo": {}, **m.presets}} for name, m in METHODS.items()}
     if json_out:
         typer.echo(json.dumps(rows, indent=2))
         return
     for name, row in rows.items():
-        typer.echo(f"{name}: {row['doc']}\n    {row['settings']}")
+        typer.echo(f"{name}: {row['doc']}\n    {row['settings']}\n    presets: {', '.join(row['presets'])}")
 
 
 @app.command()
@@ -216,10 +218,11 @@ def train(
     max_failures: Annotated[int, typer.Option("--max-failures", min=0, help="Worker-group restarts from the last checkpoint.")] = 2,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Checkpoint every N steps.")] = 10,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON line (for scripts and job logs).")] = False,
+    preset: PresetOpt = None,
 ) -> None:
     """Unlearn on Ray Train: joins the cluster of a `ray job submit` job (RAY_ADDRESS) or starts a
     local Ray; data-parallel workers, checkpoints, restarts from the last one."""
-    cfg = _config(config, set_, method, steps, target, target_seed)
+    cfg = _config(config, set_, method, steps, target, target_seed, preset)
     if not cfg.targets:
         _fail("no targets: give --target IMAGE and/or --target-seed N (or `targets:` in the config)")
     from ray_unlearn.platform.cluster import has_gpus, init_ray, shutdown_ray
@@ -357,12 +360,22 @@ def search(
     seed: Annotated[int, typer.Option("--seed", help="The searcher's seed.")] = 0,
     promote_best: Annotated[bool, typer.Option("--promote", help="Serve the chosen front point (@production) when it passes.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write pareto.json / pareto.png here.")] = None,
+    preset: PresetOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Ray Tune's Pareto search over a search space: forgetting (SSCD) vs. integrity (SSIM); every
     trial a Ray Train run, an MLflow child run and a registered hotfix version. With --promote,
     exit 3 when nothing could be promoted (no front point within the bound, or the gate refused)."""
-    cfg = _config(config, set_, None, None, target, target_seed)
+    space_method = None
+    if preset:  # the preset is the searched method's: read it from the space
+        from ray_unlearn.config import ConfigError
+        from ray_unlearn.search_space import load_space
+
+        try:
+            space_method = load_space(space)["method"]
+        except ConfigError as err:
+            _fail(str(err))
+    cfg = _config(config, set_, space_method, None, target, target_seed, preset)
     if not cfg.targets:
         _fail("no targets: give --target IMAGE and/or --target-seed N (or `targets:` in the config)")
     from ray_unlearn.config import ConfigError

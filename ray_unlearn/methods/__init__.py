@@ -1,5 +1,6 @@
-"""Unlearning methods, picked by name from one explicit dict (adding one: its module, one line here,
-its config class in config.py, its search space in search_spaces/, a README row)."""
+"""Unlearning methods, picked by name from one explicit dict. Adding one: its module (config class,
+`Method` subclass, presets), one line here, its search space in search_spaces/, a README row;
+config.py builds the config union from this dict."""
 
 from ray_unlearn.methods.base import Method
 from ray_unlearn.methods.erasediff import EraseDiff
@@ -13,6 +14,10 @@ METHODS: dict[str, type[Method]] = {
     "erasediff": EraseDiff,
     "siss": SISS,
 }
+
+# each registered method names itself and its config class consistently (checked at import)
+for _name, _cls in METHODS.items():
+    assert _cls.name == _name and _cls.config.model_fields["name"].default == _name, _name
 
 
 def build_method(cfg, family) -> Method:

@@ -1,22 +1,35 @@
-"""What a method is: two loss terms on a batch, and how their gradients combine.
+"""What a method is: its settings, two loss terms on a batch, and how their gradients combine.
 
-A batch is {"forget": {"x0", "x_s"}, "remember": {"x0"}} in the family's space. The loop asks for
-gradients; the default computes the forget and remember gradients with two separate forward and
-backward passes (on 2 CPU cores a shared forward with retain_graph was 1.6x slower) and combines
-them with `combine`. Methods that need more (EraseDiff's inner steps, SISS's single forward)
-override `gradients`. Losses return (loss, {"forget/...": float, "remember/...": float}).
+A batch is {"forget": {"x0", "x_s", "cond"?}, "remember": {"x0", "cond"?}} in the family's space;
+"cond" is the batch part's conditioning (a prompt's embeddings) and is absent or None for an
+unconditional model. Every call to `family.predict` passes the part's condition through.
+
+The loop asks for gradients; the default computes the forget and remember gradients with two separate
+forward and backward passes (on 2 CPU cores a shared forward with retain_graph was 1.6x slower) and
+combines them with `combine`. Methods that need more (EraseDiff's inner steps, SISS's single forward)
+override `gradients`. Losses return (loss, {"forget/...": tensor, "remember/...": tensor}): the logged
+values are detached 0-dim tensors, so a step costs no host sync; the loop turns them into floats
+once per report.
+
+A method is one module: its config class (a `Strict` model with `name: Literal[...]`), its `Method`
+subclass naming that class in `config`, and its `presets` (named sets of dotted config values, e.g.
+the paper's setup). `ray_unlearn.methods.METHODS` registers it; config.py builds the config union
+from that registry.
 """
 
 from __future__ import annotations
+
+from typing import Any, ClassVar
 
 import torch
 
 from ray_unlearn import diffusion
 from ray_unlearn.families.base import DiffusionFamily
+from ray_unlearn.schema import Strict
 from ray_unlearn.surgery import Grads
 
-Batch = dict[str, dict[str, torch.Tensor]]
-Logs = dict[str, float]
+Batch = dict[str, dict[str, Any]]
+Logs = dict[str, torch.Tensor]
 
 
 def grads_of(loss: torch.Tensor, params: list[torch.nn.Parameter], retain_graph: bool = False) -> Grads:
@@ -24,24 +37,37 @@ def grads_of(loss: torch.Tensor, params: list[torch.nn.Parameter], retain_graph:
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
+def logged(x: torch.Tensor) -> torch.Tensor:
+    """A value for the logs: detached, 0-dim, left on its device (no host sync here)."""
+    return x.detach().float().mean()
+
+
 class Method:
-    name: str = ""
-    uses_surrogate: bool = False  # only the paper's method regresses onto an edited surrogate
+    name: ClassVar[str] = ""
+    config: ClassVar[type[Strict]]  # the method's settings; its `name` field is Literal[name]
+    # Named starting points (dotted config key -> value), applied under the user's YAML and --set:
+    # `--preset paper`. "demo" (the defaults) is always available.
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    uses_surrogate: ClassVar[bool] = False  # only the paper's method regresses onto an edited surrogate
 
     def __init__(self, cfg, family: DiffusionFamily):
         self.cfg, self.family = cfg, family
+        # The training loop's optimizer, when the loop binds it (EraseDiff's inner steps use it, as
+        # the reference does); None otherwise.
+        self.optimizer: torch.optim.Optimizer | None = None
 
     # helpers shared by the methods ----------------------------------------------------------
-    def noised(self, x0: torch.Tensor, gen: torch.Generator, t_min: int = 0):
+    def noised(self, x0: torch.Tensor, gen: torch.Generator, t_min: int = 0, noise: torch.Tensor | None = None):
+        """(x_t, noise, t): x0 noised at uniform timesteps >= t_min with Gaussian noise, or `noise`."""
         f = self.family
         t = f.sample_timesteps(len(x0), gen, t_min)
-        eps = torch.randn(x0.shape, generator=gen).to(x0.device)
+        eps = torch.randn(x0.shape, generator=gen).to(x0.device) if noise is None else noise
         return f.add_noise(x0, eps, t), eps, t
 
-    def standard_loss(self, x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def standard_loss(self, x0: torch.Tensor, gen: torch.Generator, cond=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample denoising loss of clean samples, and their timesteps."""
         x_t, eps, t = self.noised(x0, gen)
-        pred = self.family.predict(x_t, t)
+        pred = self.family.predict(x_t, t, cond=cond)
         return diffusion.per_sample_mse(pred, self.family.target(x0, eps, t)), t
 
     # the interface ----------------------------------------------------------------------------
@@ -49,9 +75,10 @@ class Method:
         raise NotImplementedError
 
     def remember_loss(self, batch: Batch, gen: torch.Generator) -> tuple[torch.Tensor, Logs]:
-        loss, _ = self.standard_loss(batch["remember"]["x0"], gen)
+        part = batch["remember"]
+        loss, _ = self.standard_loss(part["x0"], gen, cond=part.get("cond"))
         loss = loss.mean()
-        return loss, {"remember/loss": loss.item()}
+        return loss, {"remember/loss": logged(loss)}
 
     def combine(self, g_f: Grads, g_r: Grads) -> tuple[Grads, Logs]:
         return [f + r for f, r in zip(g_f, g_r)], {}
