@@ -125,3 +125,32 @@ def test_damage_everywhere_is_refused_by_verdict_and_gate(tmp_path):
     res = cli("evaluate", hotfix, *args)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "not specific" in res.stdout and "collateral" in res.stdout
+
+
+def _report(specific: bool, collateral: float, ssim: float = 0.8) -> dict:
+    margin = 0.05 if specific else -0.1
+    row = {"id": "t", "content_sha256": "ab" * 32, "sscd_base": 1.0, "sscd_unlearned": 0.5, "artifact": False,
+           "below_threshold": True, "sscd_base_hotfix": 0.5, "rank": 0.0 if specific else 0.5, "margin": margin,
+           "specific": specific, "forgotten": specific}
+    gate_ok = collateral <= 0.05
+    return {"method": "surrogate", "targets": [row], "forget_threshold": {"value": 0.63, "kind": "calibrated"},
+            "specificity": {"n": 32, "median": 0.7, "p10": 0.55, "collateral": collateral, "max_collateral": 0.05,
+                            "target_margin": margin, "target_rank": row["rank"]},
+            "integrity": {"ssim": ssim, "min_ssim": 0.6, "ok": gate_ok}, "all_forgotten": specific,
+            "passed": specific and gate_ok}
+
+
+def test_promotion_gate_reads_specificity_from_the_tags():
+    from ray_unlearn.platform.promotion import Version, version_tags
+
+    def refusal(report):
+        return Version("m", 1, "src", None, version_tags(report)).refusal()
+
+    tags = version_tags(_report(True, 0.03))
+    assert tags["specific"] == "true" and tags["collateral"] == "0.03" and tags["specificity_margin"] == "0.05"
+    assert refusal(_report(True, 0.03)) is None
+    assert "did not forget its target specifically" in refusal(_report(False, 0.03))
+    assert "margin -0.100" in refusal(_report(False, 0.03))
+    why = refusal(_report(True, 0.25))  # specific, SSIM fine, but a quarter of the other outputs forgotten too
+    assert "collateral forgetting 25.0%" in why and "5.0%" in why
+    assert "collateral forgetting 25%" in Version("m", 1, "src", None, version_tags(_report(True, 0.25))).summary()

@@ -34,6 +34,7 @@ def version_tags(report: dict, **extra) -> dict[str, str]:
     rows = [r for r in (report.get("targets") or []) if isinstance(r, dict)]
     th = report.get("forget_threshold") or {}
     integ = report.get("integrity") or {}
+    spec = report.get("specificity") or {}
     sscd = [v for v in (as_float(r.get("sscd_unlearned")) for r in rows) if v is not None]
     base = [v for v in (as_float(r.get("sscd_base")) for r in rows) if v is not None]
     tags = {
@@ -46,6 +47,16 @@ def version_tags(report: dict, **extra) -> dict[str, str]:
         "threshold_kind": th.get("kind"),
         "integrity_ssim": as_float(integ.get("ssim")),
         "min_integrity_ssim": as_float(integ.get("min_ssim")),
+        # specificity (evaluate.target_verdict / integrity_gate): the least specific target's margin
+        # and rank among the unrelated outputs, and the share of those pushed below the threshold
+        "specific": _s(all(r.get("specific") is True for r in rows))
+        if rows and all(r.get("specific") is not None for r in rows) else None,
+        "specificity_margin": as_float(spec.get("target_margin")),
+        "target_rank": as_float(spec.get("target_rank")),
+        "unrelated_sscd_median": as_float(spec.get("median")),
+        "unrelated_sscd_p10": as_float(spec.get("p10")),
+        "collateral": as_float(spec.get("collateral")),
+        "max_collateral": as_float(spec.get("max_collateral")),
         "fid": as_float(integ.get("fid")),
         "lpips": as_float(integ.get("lpips")),
         "method": report.get("method"),
@@ -100,6 +111,10 @@ class Version:
             if t.get("artifact") == "true":
                 return (f"{v} did not forget {what}: {highest} {_f(sscd, th)} is below the threshold {_f(th, sscd)}{kind}, "
                         "but the output is artifact texture (high-frequency energy beyond the base model's)")
+            if t.get("specific") == "false":
+                margin = _tag_float(t, "specificity_margin")
+                return (f"{v} did not forget {what} specifically: its output moved no more than unrelated outputs did"
+                        + ("" if margin is None else f" (margin {margin:+.3f} to their low percentile)"))
             return f"{v} did not forget {what} (its report says a target was not forgotten)"
         ssim, bound = _tag_float(t, "integrity_ssim"), _tag_float(t, "min_integrity_ssim")
         if ssim is None:
@@ -108,6 +123,10 @@ class Version:
             return f"{v} has no integrity bound (min_integrity_ssim) in its tags"
         if ssim < bound:
             return f"{v} fell below the integrity bound: SSIM {_f(ssim, bound)} < {_f(bound, ssim)}"
+        collateral, max_collateral = _tag_float(t, "collateral"), _tag_float(t, "max_collateral")
+        if collateral is not None and max_collateral is not None and collateral > max_collateral:
+            return (f"{v} forgot other outputs too: collateral forgetting {collateral:.1%} of unrelated outputs "
+                    f"below the threshold, above the bound {max_collateral:.1%}")
         if t["passed"] != "true":
             return f"{v} did not pass its evaluation (passed={t['passed']})"
         return None
@@ -121,4 +140,6 @@ class Version:
             parts.append(f"SSCD {_f(sscd, th)}{rel}")
         if ssim is not None:
             parts.append(f"integrity SSIM {ssim:.2f}")
+        if _tag_float(t, "collateral") is not None:
+            parts.append(f"collateral forgetting {_tag_float(t, 'collateral'):.0%}")
         return ", ".join(parts) or "no evaluation figures"

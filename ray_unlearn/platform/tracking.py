@@ -125,8 +125,8 @@ class Tracker(Connected):
         """Final figures as metrics, the evaluation as tags (as on a registered version), a
         redacted report.json and the integrity grid as artifacts. Never the target pictures."""
         tags = version_tags(report)
-        figures = {k: float(tags[k]) for k in ("sscd", "sscd_base", "threshold", "integrity_ssim", "fid", "lpips")
-                   if k in tags}
+        figures = {k: float(tags[k]) for k in ("sscd", "sscd_base", "threshold", "integrity_ssim", "fid", "lpips",
+                                               "specificity_margin", "collateral") if k in tags}
         figures["forgotten"] = float(report.get("all_forgotten") is True)
         figures["passed"] = float(report.get("passed") is True)
         for k in ("wall_seconds", "train_seconds"):
