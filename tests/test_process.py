@@ -434,7 +434,8 @@ def test_a_run_that_dies_mid_commit_is_finished_or_redone_never_both(point, tiny
 def test_job_script_runs_from_a_checkout_without_the_package_installed(tmp_path):
     checkout = tmp_path / "checkout"
     (checkout / "jobs").mkdir(parents=True)
-    (checkout / "jobs" / "process_requests.py").write_text((REPO / "jobs" / "process_requests.py").read_text())
+    for script in ("process_requests.py", "_cli.py"):
+        (checkout / "jobs" / script).write_text((REPO / "jobs" / script).read_text())
     (checkout / "ray_unlearn").symlink_to(REPO / "ray_unlearn")
     code = ("import runpy, sys\n"
             "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]  # uninstall, in effect\n"

@@ -332,3 +332,51 @@ def test_the_request_layer_never_imports_ray_and_has_no_import_cycle():
     for node in graph:
         if node not in state:
             visit(node, [])
+
+
+# ---- 5: storage errors say what happened ----------------------------------------------------------
+
+class _Refuses:
+    """An S3 client that answers every call with one error code (as a bucket policy or IAM would)."""
+
+    def __init__(self, code: str, status: int = 403):
+        self.code, self.status = code, status
+
+    def __getattr__(self, name):
+        from botocore.exceptions import ClientError
+
+        def call(**kw):
+            raise ClientError({"Error": {"Code": self.code, "Message": "refused"},
+                               "ResponseMetadata": {"HTTPStatusCode": self.status}}, name)
+        return call
+
+
+def test_a_missing_bucket_is_named_and_the_cli_exits_4(moto_s3):
+    res = cli("list", "--store", "s3://no-such-bucket-here/requests")
+    assert res.exit_code == ExitCode.INFRASTRUCTURE, res.output
+    assert "bucket 'no-such-bucket-here' does not exist" in res.stderr and "s3://no-such-bucket-here" in res.stderr
+    assert "storage key" not in res.stderr  # not mislabelled as a bad key (the listed prefix ends in '/')
+
+
+@pytest.mark.parametrize("code", ["AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"])
+def test_access_denied_is_named_with_the_fix(code):
+    from ray_unlearn.storage import StorageError
+    from ray_unlearn.storage.s3 import S3Store
+
+    q = Queue(S3Store("bucket", "unlearn", client=_Refuses(code)))
+    with pytest.raises(StorageError) as err:
+        q.list()
+    msg = str(err.value)
+    assert "access denied" in msg and "s3://bucket/unlearn" in msg and "credentials" in msg and code in msg, msg
+
+
+def test_an_unreachable_endpoint_is_named(monkeypatch):
+    from ray_unlearn.storage import StorageError, open_store as open_
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(StorageError) as err:
+        Queue(open_(("s3://b/p"), endpoint_url="http://127.0.0.1:9")).list()
+    msg = str(err.value)
+    assert "cannot reach the S3 endpoint http://127.0.0.1:9" in msg and "storage key" not in msg, msg

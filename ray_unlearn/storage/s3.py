@@ -45,8 +45,13 @@ class S3Store(Store):
     def _k(self, key: str) -> str:
         return _join(self.prefix, key)
 
+    def _where(self, key: str = "") -> str:
+        """A location for messages, never re-checked (a listed prefix may end in '/')."""
+        path = _join(self.prefix, key) if key else self.prefix
+        return f"s3://{self.bucket}/{path}" if path else f"s3://{self.bucket}"
+
     def _call(self, what: str, key: str, fn, **kw):
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
         try:
             return fn(Bucket=self.bucket, **kw)
@@ -56,11 +61,32 @@ class S3Store(Store):
                 raise NotFoundError(key, self.uri()) from None
             if code in ("PreconditionFailed", "ConditionalRequestConflict"):
                 raise
-            raise StorageError(f"S3 {what} {self.uri(key) if key else self.uri()}: {code}: {err}") from None
+            raise StorageError(self._explain(what, key, code, err)) from None
+        except EndpointConnectionError as err:
+            raise StorageError(f"S3 {what} {self._where(key)}: cannot reach the S3 endpoint "
+                               f"{self.endpoint_url or 'of AWS'} ({err}): check the endpoint URL "
+                               "($RAY_UNLEARN_S3_ENDPOINT_URL / $AWS_ENDPOINT_URL) and the network") from None
+        except NoCredentialsError:
+            raise StorageError(f"S3 {what} {self._where(key)}: no AWS credentials found: set AWS_ACCESS_KEY_ID and "
+                               "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or an instance role)") from None
         except BotoCoreError as err:
             where = f" at {self.endpoint_url}" if self.endpoint_url else ""
-            raise StorageError(f"S3 {what} {self.uri()}{where} failed: {err} "
+            raise StorageError(f"S3 {what} {self._where(key)}{where} failed: {err} "
                                f"(check credentials, the endpoint URL and that the bucket exists)") from None
+
+    def _explain(self, what: str, key: str, code: str, err) -> str:
+        """What an S3 error code means for the operator, naming the URI and the fix."""
+        where = self._where(key)
+        if code == "NoSuchBucket":
+            return (f"S3 {what} {where}: bucket '{self.bucket}' does not exist ({code}"
+                    + (f" at {self.endpoint_url}" if self.endpoint_url else "")
+                    + "): create it, or fix the store URI (--store / $RAY_UNLEARN_STORE)")
+        if code in ("AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                    "AllAccessDisabled", "AccountProblem", "ExpiredToken", "InvalidToken"):
+            return (f"S3 {what} {where}: access denied ({code}): check the credentials (AWS_ACCESS_KEY_ID / "
+                    "AWS_PROFILE, not expired) and that the bucket policy allows s3:ListBucket, s3:GetObject, "
+                    f"s3:PutObject and s3:DeleteObject on s3://{self.bucket}/{self.prefix}")
+        return f"S3 {what} {where}: {code}: {err}"
 
     def _put(self, key: str, data: bytes) -> None:
         self._call("put", key, self.client.put_object, Key=self._k(key), Body=data)
