@@ -443,6 +443,7 @@ def test_job_script_runs_from_a_checkout_without_the_package_installed(tmp_path)
             "sys.path_importer_cache.clear()\n"
             "try:\n    import ray_unlearn\n    sys.exit('ray_unlearn is still importable')\nexcept ImportError:\n    pass\n"
             f"sys.argv = ['process_requests.py', '--help']\n"
+            f"sys.path.insert(0, {str(checkout / 'jobs')!r})  # as `python jobs/process_requests.py` does\n"
             f"runpy.run_path({str(checkout / 'jobs' / 'process_requests.py')!r}, run_name='__main__')\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
