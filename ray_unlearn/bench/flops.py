@@ -73,6 +73,11 @@ def spec_peak(device: torch.device, precision: str) -> float | None:
     return None
 
 
+def sig(x: float, digits: int = 4) -> float:
+    """`x` to `digits` significant digits (CPU TFLOP/s are thousandths)."""
+    return float(f"{x:.{digits}g}")
+
+
 class Peaks:
     """The device's peaks, measured once per precision per run."""
 
@@ -91,15 +96,15 @@ class Peaks:
         achieved = flops / seconds
         peak = self.measured(precision)
         out = {
-            "gflop": round(flops / 1e9, 3),
-            "achieved_tflops": round(achieved / 1e12, 4),
-            "peak_measured_tflops": round(peak / 1e12, 4),
-            "mfu_of_measured": round(achieved / peak, 4),
+            "gflop": sig(flops / 1e9),
+            "achieved_tflops": sig(achieved / 1e12),
+            "peak_measured_tflops": sig(peak / 1e12),
+            "mfu_of_measured": sig(achieved / peak, 3),
         }
         spec = spec_peak(self.device, precision)
         if spec is not None:
             out["peak_spec_tflops"] = round(spec / 1e12, 1)
-            out["mfu"] = round(achieved / spec, 4)
+            out["mfu"] = sig(achieved / spec, 3)
         else:
             out["mfu"] = out["mfu_of_measured"]
         return out

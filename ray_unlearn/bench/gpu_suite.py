@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-from ray_unlearn.bench.flops import Peaks, count_flops, sync
+from ray_unlearn.bench.flops import Peaks, count_flops, sig, sync
 from ray_unlearn.bench.loop_bench import device_name, log_sync_ratio, make_loop, step_figures, timed
 from ray_unlearn.config import ModelConfig, SamplerConfig, TrainConfig, UnlearnConfig
 from ray_unlearn.families.ddpm import DDPMFamily
@@ -147,7 +147,7 @@ def _run(tiny, device, s, compile, say, out, progress, t_start) -> dict:
         "architecture": "tiny test UNet" if tiny else "google/ddpm-celebahq-256 (random weights)",
         "params_m": round(sum(p.numel() for p in unet.parameters()) / 1e6, 2),
         "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
-        "peaks_measured_tflops": {p: round(peaks.measured(p) / 1e12, 4) for p in ("fp32", "bf16")},
+        "peaks_measured_tflops": {p: sig(peaks.measured(p) / 1e12) for p in ("fp32", "bf16")},
     }
     phases: dict[str, float] = {}
 
