@@ -100,8 +100,8 @@ def _summary_of(result: dict, cfg: UnlearnConfig, seconds: float) -> dict:
     }
 
 
-def run_one(arm: Arm, seed: int, sets: tuple[str, ...], reference, metrics) -> tuple[dict, torch.Tensor]:
-    """One method on one target, through the engine: (summary, the target's new output)."""
+def run_one(arm: Arm, seed: int, sets: tuple[str, ...], reference, metrics) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """One method on one target, through the engine: (summary, the target's new output, its base output)."""
     from ray_unlearn.engine import judge, load_family, prepare, train
 
     cfg = arm_config(arm, seed, sets)
@@ -110,7 +110,7 @@ def run_one(arm: Arm, seed: int, sets: tuple[str, ...], reference, metrics) -> t
     prep = prepare(cfg, family, reference=reference)
     train(prep, progress=False)
     result, target_new, _ = judge(prep, metrics, progress=False)
-    return _summary_of(result, cfg, time.perf_counter() - t0), target_new[0]
+    return _summary_of(result, cfg, time.perf_counter() - t0), target_new[0], prep.target_base[0]
 
 
 def _mean_std(values: list) -> tuple[float, float] | None:
@@ -231,20 +231,20 @@ def run_table(opts: TableOptions) -> dict:
         elif opts.budget_s is not None and time.monotonic() - started > opts.budget_s:
             continue  # out of time: this cell stays "not run" (rerun the same command to finish it)
         else:
-            row, img = run_one(a, s, tuple(opts.sets), reference, metrics)
+            row, img, base_img = run_one(a, s, tuple(opts.sets), reference, metrics)
             torch.save(img, img_path)
+            if not (out / "runs" / f"base--seed-{s}.pt").is_file():
+                torch.save(base_img, out / "runs" / f"base--seed-{s}.pt")
+                save_image(base_img, out / "runs" / f"base--seed-{s}.png")
             rec.write_text(json.dumps(row, indent=2) + "\n")
             log.info("%s seed %s: SSCD %.3f forgotten=%s SSIM %s (%ss)", a.name, s, row["sscd"], row["forgotten"],
                      row["ssim"], row["seconds"])
         runs[a.name].append(row)
         new_out[(a.name, s)] = img
-    from ray_unlearn.evaluate import model_outputs_for_targets
-    from ray_unlearn.data import resolve_targets
-
-    targets = resolve_targets(base, [t for s in seeds for t in arm_config(arms[0], s).targets])
-    for s, img in zip(seeds, model_outputs_for_targets(base, targets)):
-        base_out[s] = img
-        save_image(img, out / "runs" / f"base--seed-{s}.png")
+    for s in seeds:  # the base model's output for each target that ran (saved by its first run)
+        f = out / "runs" / f"base--seed-{s}.pt"
+        if f.is_file():
+            base_out[s] = torch.load(f, weights_only=True)
     agg = aggregate(runs)
     orderings = {}
     for p in sorted({a.preset for a in arms}):
