@@ -30,7 +30,7 @@ StoreOpt = Annotated[Optional[str], typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
 
 # third-party packages whose errors mean a service is unreachable or refusing (exit 4), not bad usage
-_INFRA_PACKAGES = ("mlflow", "ray", "botocore", "boto3", "urllib3", "requests", "sqlalchemy", "grpc")
+_INFRA_PACKAGES = ("botocore", "boto3", "urllib3", "sqlalchemy", "grpc")
 
 
 def _fail(msg: str, code: ExitCode = ExitCode.USAGE) -> None:
@@ -41,17 +41,18 @@ def _fail(msg: str, code: ExitCode = ExitCode.USAGE) -> None:
 def _exit_code_of(err: BaseException) -> ExitCode | None:
     """The exit status an error stands for (None: a bug; let it raise with its traceback)."""
     from ray_unlearn.config import ConfigError
+    from ray_unlearn.platform.errors import infrastructure_errors
     from ray_unlearn.requests.lineage import LineageError
     from ray_unlearn.requests.models import RequestError
-    from ray_unlearn.storage import NotFoundError, StorageError
+    from ray_unlearn.storage import NotFoundError
 
     if isinstance(err, (RequestError, ConfigError)):
         return ExitCode.USAGE
     if isinstance(err, LineageError):
         return ExitCode.GATE_REFUSED  # the lineage refuses to be built on: an operator resolves it
-    if isinstance(err, (StorageError, NotFoundError, ConnectionError, TimeoutError)):
+    if isinstance(err, (*infrastructure_errors(), NotFoundError, TimeoutError)):  # the CLI's one list
         return ExitCode.INFRASTRUCTURE
-    if type(err).__module__.split(".")[0] in _INFRA_PACKAGES:
+    if type(err).__module__.split(".")[0] in _INFRA_PACKAGES:  # e.g. a botocore error no store wrapped
         return ExitCode.INFRASTRUCTURE
     if isinstance(err, ValueError):
         return ExitCode.USAGE
