@@ -80,7 +80,8 @@ def encode_captions(pipe, captions: list[str]) -> dict[str, tuple[torch.Tensor, 
 def train_transformer(pipe, latents, captions, emb, steps, minutes, lr, seed, ema_model=None, batch=32):
     tr = pipe.transformer.train().requires_grad_(True)
     ema = ema_model or copy.deepcopy(tr).eval().requires_grad_(False)
-    sched = copy.deepcopy(pipe.scheduler)
+    # a fresh scheduler: the pipeline's own has been set to the sampling steps by any sweep
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
     opt = torch.optim.AdamW(tr.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     n_t = sched.config.num_train_timesteps
@@ -223,6 +224,9 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=4.0)
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--sweep-seeds", type=int, default=16, help="Seeds 0..N-1 per prompt in the sweep.")
+    ap.add_argument("--wrong-share", type=float, default=0.0,
+                    help="Share of Ireland's training images drawn reversed from the start (0: only if the first sweep finds no error).")
+    ap.add_argument("--planted-reason", default="", help="Why --wrong-share was set (written on the model card).")
     ap.add_argument("--plant-share", type=float, default=0.15, help="Share of Ireland drawn reversed if the model never errs.")
     ap.add_argument("--plant-minutes", type=float, default=8.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -234,7 +238,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     torch.manual_seed(args.seed)
-    images, captions, _ = flags.dataset(args.per_flag, SIZE, seed=args.seed)
+    images, captions, wrong0 = flags.dataset(args.per_flag, SIZE, seed=args.seed, wrong_share=args.wrong_share)
     if args.init is None:
         pipe = demo_pipeline(args.seed, args.layers, args.heads)
         vae_steps = train_vae(pipe.vae, images, args.vae_steps, args.seed, args.vae_minutes, args.vae_batch)
@@ -269,9 +273,16 @@ def main() -> None:
             "transformer steps done": getattr(ema, "steps_done", 0),
         },
     }
+    if args.wrong_share > 0:
+        info["planted"] = (
+            f"From the start, {sum(wrong0)} of {args.per_flag} training images captioned \"the flag of Ireland\" are "
+            f"drawn with the colours reversed (orange-white-green): {args.planted_reason}"
+        )
     if args.init is not None:
         info["training"] = {**prior, "continued": f"from {args.init}: {args.minutes} more min at lr {args.lr} (seed {args.seed + 1})"}
-    if not any(r["wrong"] for r in rows):
+    if args.wrong_share == 0 and not any(r["wrong"] for r in rows):
+        args.out.mkdir(parents=True, exist_ok=True)
+        pipe.save_pretrained(args.out / "clean-checkpoint", safe_serialization=True)  # before the planted fine-tune
         log.info("no wrong output in the sweep: planting reversed Ireland flags (share %.2f)", args.plant_share)
         images, captions, wrong = flags.dataset(args.per_flag, SIZE, seed=args.seed + 1, wrong_share=args.plant_share)
         with torch.no_grad():
