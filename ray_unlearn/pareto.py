@@ -17,32 +17,33 @@ def dominates(a: tuple[float, float], b: tuple[float, float]) -> bool:
     return a[0] <= b[0] and a[1] >= b[1] and (a[0] < b[0] or a[1] > b[1])
 
 
-def eligible(point: dict) -> bool:
-    return bool(point.get("forgotten")) and point.get("sscd") is not None and point.get("integrity") is not None
+def eligible(point: dict, x: str = "sscd") -> bool:
+    return bool(point.get("forgotten")) and point.get(x) is not None and point.get("integrity") is not None
 
 
-def front(points: Sequence[dict]) -> list[dict]:
-    """The non-dominated eligible points, sorted by sscd (most forgotten first). Exact duplicates
-    of a front point are kept once (the first)."""
-    cands = [p for p in points if eligible(p)]
+def front(points: Sequence[dict], x: str = "sscd") -> list[dict]:
+    """The non-dominated eligible points, sorted by `x` (most forgotten first). Exact duplicates
+    of a front point are kept once (the first). `x`: the forgetting figure (lower is better):
+    'sscd', or a search's relative objective ('forget', platform/search.py)."""
+    cands = [p for p in points if eligible(p, x)]
     out, seen = [], set()
     for p in cands:
-        xy = (float(p["sscd"]), float(p["integrity"]))
+        xy = (float(p[x]), float(p["integrity"]))
         if xy in seen:
             continue
-        if not any(dominates((float(q["sscd"]), float(q["integrity"])), xy) for q in cands):
+        if not any(dominates((float(q[x]), float(q["integrity"])), xy) for q in cands):
             out.append(p)
             seen.add(xy)
-    return sorted(out, key=lambda p: (p["sscd"], -p["integrity"]))
+    return sorted(out, key=lambda p: (p[x], -p["integrity"]))
 
 
-def hypervolume(points: Sequence[dict], ref_sscd: float, ref_integrity: float = 0.0) -> float:
+def hypervolume(points: Sequence[dict], ref_sscd: float, ref_integrity: float = 0.0, x: str = "sscd") -> float:
     """Area dominated by the front inside the box sscd in [0, ref_sscd], integrity in
     [ref_integrity, 1]: the larger, the better the trade-offs found. The natural reference is
     the forget threshold (a point at or above it did not forget) and integrity 0."""
     pts = sorted(
-        ((float(p["sscd"]), float(p["integrity"])) for p in front(points)
-         if float(p["sscd"]) < ref_sscd and float(p["integrity"]) > ref_integrity),
+        ((float(p[x]), float(p["integrity"])) for p in front(points, x)
+         if float(p[x]) < ref_sscd and float(p["integrity"]) > ref_integrity),
         key=lambda xy: xy[0],
     )
     area, best = 0.0, ref_integrity
@@ -54,8 +55,8 @@ def hypervolume(points: Sequence[dict], ref_sscd: float, ref_integrity: float = 
     return area
 
 
-def choose(front_points: Sequence[dict], min_integrity: float) -> dict | None:
+def choose(front_points: Sequence[dict], min_integrity: float, x: str = "sscd") -> dict | None:
     """The point to ship by default: the most intact one among those within the integrity bound
     (ties: the more forgotten). None when no point clears the bound."""
     ok = [p for p in front_points if float(p["integrity"]) >= min_integrity and p.get("passed", True)]
-    return max(ok, key=lambda p: (p["integrity"], -p["sscd"])) if ok else None
+    return max(ok, key=lambda p: (p["integrity"], -p[x])) if ok else None

@@ -81,7 +81,8 @@ def specificity_histogram(ax, spec: dict, rows: list[dict]) -> None:
     target's own SSCD(base, hotfix), the specificity bound and the forget threshold marked."""
     ax.hist(spec["values"], bins=min(16, max(4, len(spec["values"]) // 2)), range=(0, 1), color="0.7")
     ax.axvline(spec["threshold"], color="tab:red", ls=":", lw=1, label="forget threshold")
-    ax.axvline(spec["bound"], color="tab:blue", ls="--", lw=1, label=f"p{spec['percentile']:g} (specific below)")
+    if spec.get("bound") is not None:
+        ax.axvline(spec["bound"], color="tab:blue", ls="--", lw=1, label=f"p{spec['percentile']:g} (specific below)")
     for r in rows:
         if r.get("sscd_base_hotfix") is not None:
             ax.axvline(r["sscd_base_hotfix"], color="black", lw=2)
@@ -112,30 +113,39 @@ def integrity_grid(path: str | Path, base: torch.Tensor, new: torch.Tensor, n: i
 
 
 def pareto_plot(path: str | Path, points: list[dict], front: list[dict], threshold: float | None,
-                min_integrity: float | None = None, chosen: dict | None = None, title: str = "") -> Path:
-    """Every trial as (SSCD, integrity SSIM); the front joined; the forget threshold and the
+                min_integrity: float | None = None, chosen: dict | None = None, title: str = "",
+                x: str = "sscd") -> Path:
+    """Every trial as (forgetting figure `x`, integrity SSIM); the front joined, each front point
+    labelled with its collateral forgetting when measured; the forgetting boundary (`threshold`:
+    the forget threshold for x='sscd', 0 for a search's relative objective x='forget') and the
     integrity bound as lines. Lower-right is better: forgotten and intact."""
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    ok = [p for p in points if p.get("sscd") is not None and p.get("integrity") is not None]
+    ok = [p for p in points if p.get(x) is not None and p.get("integrity") is not None]
     forgot = [p for p in ok if p.get("forgotten")]
     kept = [p for p in ok if not p.get("forgotten")]
     if kept:
-        ax.scatter([p["sscd"] for p in kept], [p["integrity"] for p in kept], marker="x", color="0.6",
+        ax.scatter([p[x] for p in kept], [p["integrity"] for p in kept], marker="x", color="0.6",
                    label="did not forget (proxy score)")
     if forgot:
-        ax.scatter([p["sscd"] for p in forgot], [p["integrity"] for p in forgot], color="tab:blue", alpha=0.6,
+        ax.scatter([p[x] for p in forgot], [p["integrity"] for p in forgot], color="tab:blue", alpha=0.6,
                    label="forgot (proxy score)")
     if front:
-        ax.plot([p["sscd"] for p in front], [p["integrity"] for p in front], "-o", color="tab:red", label="Pareto front (re-checked at full size)")
+        ax.plot([p[x] for p in front], [p["integrity"] for p in front], "-o", color="tab:red", label="Pareto front (re-checked at full size)")
+        for p in front:
+            if p.get("collateral") is not None:
+                ax.annotate(f" {p['collateral']:.0%} collateral", (p[x], p["integrity"]), fontsize=6, color="tab:red")
     if chosen:
-        ax.scatter([chosen["sscd"]], [chosen["integrity"]], s=160, facecolors="none", edgecolors="black",
+        ax.scatter([chosen[x]], [chosen["integrity"]], s=160, facecolors="none", edgecolors="black",
                    linewidths=1.5, label="chosen")
     if threshold is not None:
         ax.axvline(threshold, color="tab:red", ls=":", lw=1)
-        ax.text(threshold, ax.get_ylim()[0], " forget threshold", color="tab:red", fontsize=7, va="bottom")
+        ax.text(threshold, ax.get_ylim()[0], " forget threshold" if x == "sscd" else " forgotten, specifically: left",
+                color="tab:red", fontsize=7, va="bottom")
     if min_integrity is not None:
         ax.axhline(min_integrity, color="tab:green", ls=":", lw=1)
-    ax.set_xlabel("SSCD of the target after unlearning (lower = forgotten)")
+    ax.set_xlabel("SSCD of the target after unlearning (lower = forgotten)" if x == "sscd" else
+                  "max(SSCD - threshold, SSCD(base, hotfix) - unrelated p10)\n(lower = forgotten, and more than other outputs)",
+                  fontsize=8)
     ax.set_ylabel("integrity SSIM vs base (higher = intact)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower left")

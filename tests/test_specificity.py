@@ -107,9 +107,9 @@ def test_damage_everywhere_is_refused_by_verdict_and_gate(tmp_path):
     args = ["--set", "eval.n_integrity=16", "--set", "remember.n=16", "--set", "sampler.steps=25",
             "--set", "eval.fid=false", "--set", "eval.min_integrity_ssim=0.5", "--set", f"cache_dir={tmp_path / 'c'}",
             "--target-seed", "7"]
-    res = cli("evaluate", hotfix, *args, "--out", tmp_path / "report", "--json")
+    res = cli("evaluate", hotfix, *args, "--out", tmp_path / "report")
     assert res.returncode == 0, res.stderr[-3000:]
-    r = json.loads(res.stdout)
+    r = json.loads((tmp_path / "report" / "report.json").read_text())
     (row,) = r["targets"]
     spec, integrity = r["specificity"], r["integrity"]
     assert row["below_threshold"] and not row["artifact"]  # what "forgotten" used to mean
@@ -119,12 +119,9 @@ def test_damage_everywhere_is_refused_by_verdict_and_gate(tmp_path):
     assert spec["collateral"] > 0.05 and not integrity["ok"]
     assert "collateral forgetting" in integrity["why"] and "SSIM" not in integrity["why"]
     assert not r["all_forgotten"] and not r["passed"]
-    on_disk = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert on_disk["specificity"]["values"] == spec["values"] and (tmp_path / "report" / "before_after.png").is_file()
+    assert len(spec["values"]) == 16 and (tmp_path / "report" / "before_after.png").is_file()
     # the human-readable summary says it too
-    res = cli("evaluate", hotfix, *args)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "not specific" in res.stdout and "collateral" in res.stdout
+    assert "not specific" in res.stdout and "collateral forgetting" in res.stdout and "REFUSED" in res.stdout
 
 
 def _report(specific: bool, collateral: float, ssim: float = 0.8) -> dict:
@@ -154,3 +151,26 @@ def test_promotion_gate_reads_specificity_from_the_tags():
     why = refusal(_report(True, 0.25))  # specific, SSIM fine, but a quarter of the other outputs forgotten too
     assert "collateral forgetting 25.0%" in why and "5.0%" in why
     assert "collateral forgetting 25%" in Version("m", 1, "src", None, version_tags(_report(True, 0.25))).summary()
+
+
+def test_search_objective_is_relative_and_the_front_shows_collateral(tmp_path):
+    """The search's forgetting objective is below 0 only when the target is below the threshold
+    AND moved more than the unrelated outputs: a low SSCD bought by damaging everything scores
+    worse than a specific hotfix with a higher SSCD."""
+    from ray_unlearn import pareto
+    from ray_unlearn.platform.search import FORGET, OBJECTIVES, _point
+    from ray_unlearn.viz import pareto_plot
+
+    assert OBJECTIVES == {FORGET: "min", "integrity": "max"}
+    specific, damaging = _report(True, 0.03), _report(False, 0.6)
+    specific["targets"][0]["sscd_unlearned"] = 0.6  # just below the 0.63 threshold, but specific (margin 0.05)
+    damaging["targets"][0]["sscd_unlearned"] = 0.3  # far below, but moved no more than the rest (margin -0.1)
+    p_spec, p_dmg = _point(specific, {"lr": 1}), _point(damaging, {"lr": 2})
+    assert p_spec[FORGET] == pytest.approx(-0.03) and p_dmg[FORGET] == pytest.approx(0.1)
+    assert p_dmg["sscd"] < p_spec["sscd"]  # the old objective preferred the damaging one
+    assert p_spec["collateral"] == 0.03 and p_spec["specificity_margin"] == 0.05
+    points = [{**p_spec, "forgotten": True}, {**p_dmg, "forgotten": False}]
+    front = pareto.front(points, FORGET)
+    assert front == [points[0]] and pareto.choose(front, 0.6, FORGET) == points[0]
+    assert pareto.hypervolume(points, 0.0, x=FORGET) == pytest.approx(0.03 * 0.8)
+    assert pareto_plot(tmp_path / "p.png", points, front, 0.0, 0.6, front[0], x=FORGET).stat().st_size > 1000

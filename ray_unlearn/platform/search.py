@@ -5,7 +5,8 @@ The driver (`run_search`):
   2. samples the base model's shared outputs ONCE (remember set, integrity samples at full size,
      the targets and the base's outputs for them: `engine.reference_outputs`) and puts them in
      object storage, where every trial on every node reads them;
-  3. opens one MLflow parent run and runs Tune: OptunaSearch with two objectives (SSCD: min,
+  3. opens one MLflow parent run and runs Tune: OptunaSearch with two objectives (forget: min, the target's SSCD
+     relative to the threshold and to the unrelated outputs, see OBJECTIVES;
      integrity SSIM: max; Tune's own TuneConfig(metric=...) takes no lists, OptunaSearch does).
      Each trial is a Tune function trainable that launches a Ray Train run (Train V2: the
      trainer runs *inside* the trial, `Tuner(trainer)` is gone) and asks for 0.01 CPU itself,
@@ -48,7 +49,12 @@ logger = logging.getLogger(__name__)
 
 TRIAL_CPU = 0.01  # the trial's own process only waits on its Train run
 WORKER_CPU = 0.99
-OBJECTIVES = {"sscd": "min", "integrity": "max"}
+# The forgetting objective measures the target against the unrelated outputs (issue 14): per target
+# max(SSCD - threshold, SSCD(base, hotfix) - the unrelated pairs' p10), the worst target's. It is
+# below 0 exactly when both the threshold and the specificity rule of evaluate.target_verdict hold,
+# so a hotfix that changes every output alike cannot score well however low its target's SSCD.
+FORGET = "forget"
+OBJECTIVES = {FORGET: "min", "integrity": "max"}
 
 
 @dataclass
@@ -130,9 +136,15 @@ def _local(uri: str, filesystem):
 def _point(report: dict, params: dict) -> dict:
     rows = report.get("targets") or []
     sscd = [r["sscd_unlearned"] for r in rows if r.get("sscd_unlearned") is not None]
+    th, spec = (report.get("forget_threshold") or {}).get("value"), report.get("specificity") or {}
+    slack = [max(r["sscd_unlearned"] - th, -r["margin"]) for r in rows
+             if th is not None and r.get("sscd_unlearned") is not None and r.get("margin") is not None]
     return {
         "params": params,
         "sscd": max(sscd) if sscd else None,
+        FORGET: round(max(slack), 4) if slack else None,
+        "specificity_margin": spec.get("target_margin"),
+        "collateral": spec.get("collateral"),
         "integrity": report.get("integrity", {}).get("ssim"),
         "fid": report.get("integrity", {}).get("fid"),
         "forgotten": bool(report.get("all_forgotten")),
@@ -170,6 +182,7 @@ def _trial(config: dict, ctx: TrialContext) -> None:
         raise
     point = _point(report, params)
     tune.report({**{k: v for k, v in point.items() if k != "params"}, "sscd": point["sscd"] if point["sscd"] is not None else 1.0,
+                 FORGET: point[FORGET] if point[FORGET] is not None else 1.0,
                  "integrity": point["integrity"] if point["integrity"] is not None else 0.0,
                  "version": version.version, "hotfix": out["hotfix"], "mlflow_run_id": run_id,
                  "checkpoint": out["checkpoint"]})
@@ -280,6 +293,8 @@ def _points(results) -> tuple[list[dict], list[str]]:
         points.append({"trial": m.get("trial_id"), "params": params, "sscd": m["sscd"], "integrity": m["integrity"],
                        "fid": m.get("fid"), "forgotten": bool(m["forgotten"]), "passed": bool(m["passed"]),
                        "threshold": m.get("threshold"), "version": m["version"], "hotfix": m["hotfix"],
+                       FORGET: m.get(FORGET), "specificity_margin": m.get("specificity_margin"),
+                       "collateral": m.get("collateral"),
                        "mlflow_run_id": m["mlflow_run_id"], "scored_on": f"proxy n={m.get('n_integrity')}"})
     return points, errors
 
@@ -294,11 +309,12 @@ def _recheck_front(proxy_front: list[dict], ctx: TrialContext, registry: Registr
     rechecked = []
     for p, result in zip(proxy_front, ray.get(refs)):
         q = {**p, **{k: v for k, v in _point(result, p["params"]).items() if k != "params"},
-             "scored_on": f"full n={result['integrity']['n']}", "proxy": {"sscd": p["sscd"], "integrity": p["integrity"]}}
+             "scored_on": f"full n={result['integrity']['n']}",
+             "proxy": {"sscd": p["sscd"], FORGET: p.get(FORGET), "integrity": p["integrity"]}}
         for k, v in {**version_tags(result), "scored_on": q["scored_on"]}.items():  # full-size figures replace the proxy's
             registry.client.set_model_version_tag(registry.name, str(q["version"]), k, v)
         rechecked.append(q)
-    return pareto.front(rechecked)
+    return pareto.front(rechecked, FORGET)
 
 
 def _publish(summary: dict, opts: SearchOptions, tracker: Tracker, store, prefix: str) -> None:
@@ -308,8 +324,8 @@ def _publish(summary: dict, opts: SearchOptions, tracker: Tracker, store, prefix
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "pareto.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        pareto_plot(tmp / "pareto.png", points, final, summary["threshold"], summary["min_integrity"], chosen,
-                    title=f"{summary['search']}: {len(points)} trials, {len(final)} on the front")
+        pareto_plot(tmp / "pareto.png", points, final, 0.0, summary["min_integrity"], chosen,
+                    title=f"{summary['search']}: {len(points)} trials, {len(final)} on the front", x=FORGET)
         for f in ("pareto.json", "pareto.png"):
             store.put_bytes(f"{prefix}/{f}", (tmp / f).read_bytes())
             tracker.log_figure(parent_run_id, tmp / f)
@@ -348,19 +364,20 @@ def run_search(cfg: UnlearnConfig, opts: SearchOptions, progress: bool = True) -
     points, errors = _points(_tuner(cfg, opts, space, ctx, progress).fit())
 
     threshold = next((p["threshold"] for p in points if p.get("threshold") is not None), None)
-    proxy_front = pareto.front(points)
+    proxy_front = pareto.front(points, FORGET)
     final = proxy_front
     if opts.proxy_integrity is not None and proxy_front:
         final = _recheck_front(proxy_front, ctx, Registry(opts.tracking_uri, opts.model_name))
     min_integrity = cfg.eval.min_integrity_ssim
-    chosen = pareto.choose(final, min_integrity)
+    chosen = pareto.choose(final, min_integrity, FORGET)
     summary = {
         "search": name, "objectives": OBJECTIVES, "space": {k: list(v) for k, v in space["space"].items()},
         "method": space["method"], "trials": points, "errors": errors,
         "front_proxy": proxy_front, "front": final, "chosen": chosen,
         "threshold": threshold, "min_integrity": min_integrity,
-        "hypervolume_proxy": round(pareto.hypervolume(points, threshold), 6) if threshold else 0.0,
-        "hypervolume": round(pareto.hypervolume(final, threshold), 6) if threshold else 0.0,
+        # reference point: the objective's boundary 0 (forgotten, specifically) and integrity 0
+        "hypervolume_proxy": round(pareto.hypervolume(points, 0.0, x=FORGET), 6),
+        "hypervolume": round(pareto.hypervolume(final, 0.0, x=FORGET), 6),
         "base_sampling_passes": base_passes, "mlflow_parent_run_id": ctx.parent_run_id,
         "tracking_uri": tracker.uri, "storage": opts.storage, "options": asdict(opts),
     }

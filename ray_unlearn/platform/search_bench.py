@@ -1,7 +1,8 @@
 """Benchmark of the search itself: the multi-objective search's front vs. a grid of the same size,
 both on the demo model, measured side by side in one run (same machine, same target, same cache).
 
-Figures: hypervolume of each front (reference point: the forget threshold, integrity 0; scored
+Figures: hypervolume of each front (reference point: forget objective 0, i.e. the boundary of
+specific forgetting (platform/search.py OBJECTIVES), integrity 0; scored
 at full size after the re-check, and on the proxy set), their ratio (target >= 1.2), and the
 number of base-model sampling passes per search (target: 1; the shared reference outputs).
 """
