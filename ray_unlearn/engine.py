@@ -6,6 +6,7 @@ on each worker; Tune shares the cached base outputs across trials) without chang
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import time
@@ -130,6 +131,7 @@ class Prepared:
     target_base: torch.Tensor  # base model's outputs for the targets
     integrity_base: torch.Tensor  # base model's outputs for the integrity seeds
     cache_hits: dict
+    teacher: torch.nn.Module | None = None  # frozen original base network (remember.target='base')
 
     def data(self) -> UnlearnData:
         f = self.family
@@ -162,12 +164,24 @@ def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None, surrogate
     if target_base is None:
         target_base = ev.model_outputs_for_targets(base or family, targets)
     return Prepared(cfg, family, targets, edited, reference.remember, target_base, reference.integrity_base[:n],
-                    dict(reference.cache_hits))
+                    dict(reference.cache_hits), anchor_teacher(cfg, family, base))
+
+
+def anchor_teacher(cfg: UnlearnConfig, family: DiffusionFamily, base: DiffusionFamily | None) -> torch.nn.Module | None:
+    """The frozen original base network for remember.target='base'. A separate `base` family (a
+    batch starts from the serving hotfix and keeps the original base beside it) lends its network,
+    which never trains; otherwise the family IS the base before training, so a frozen copy is taken."""
+    if cfg.remember.target != "base":
+        return None
+    if base is not None and base is not family:
+        return base.model.eval().requires_grad_(False)
+    return copy.deepcopy(family.model).eval().requires_grad_(False)
 
 
 def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state: dict | None = None,
           progress: bool = True, on_step=None) -> UnlearnLoop:
     method = build_method(prep.cfg.method, prep.family)
+    method.teacher = prep.teacher
     loop = UnlearnLoop(prep.family, method, prep.data(), prep.cfg.train, reduce_grads)
     if state is not None:
         loop.load_state_dict(state)

@@ -55,6 +55,9 @@ class Method:
         # The training loop's optimizer, when the loop binds it (EraseDiff's inner steps use it, as
         # the reference does); None otherwise.
         self.optimizer: torch.optim.Optimizer | None = None
+        # A frozen copy of the ORIGINAL base network (remember.target='base'): the remember term
+        # regresses onto its prediction instead of the noise. None: the noise (the paper's L_r).
+        self.teacher: torch.nn.Module | None = None
 
     # helpers shared by the methods ----------------------------------------------------------
     def noised(self, x0: torch.Tensor, gen: torch.Generator, t_min: int = 0, noise: torch.Tensor | None = None):
@@ -70,13 +73,24 @@ class Method:
         pred = self.family.predict(x_t, t, cond=cond)
         return diffusion.per_sample_mse(pred, self.family.target(x0, eps, t)), t
 
+    def remember_mse(self, part: dict, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample remember error and timesteps: against the noise (`teacher` None, the same
+        draws and value as `standard_loss`) or against the frozen base's prediction on the same
+        noised sample (anchored)."""
+        if self.teacher is None:
+            return self.standard_loss(part["x0"], gen, cond=part.get("cond"))
+        x_t, _, t = self.noised(part["x0"], gen)
+        pred = self.family.predict(x_t, t, cond=part.get("cond"))
+        with torch.no_grad():
+            anchor = self.family.predict(x_t, t, cond=part.get("cond"), model=self.teacher)
+        return diffusion.per_sample_mse(pred, anchor), t
+
     # the interface ----------------------------------------------------------------------------
     def forget_loss(self, batch: Batch, gen: torch.Generator) -> tuple[torch.Tensor, Logs]:
         raise NotImplementedError
 
     def remember_loss(self, batch: Batch, gen: torch.Generator) -> tuple[torch.Tensor, Logs]:
-        part = batch["remember"]
-        loss, _ = self.standard_loss(part["x0"], gen, cond=part.get("cond"))
+        loss, _ = self.remember_mse(batch["remember"], gen)
         loss = loss.mean()
         return loss, {"remember/loss": logged(loss)}
 

@@ -58,8 +58,7 @@ class SurrogateMethod(Method):
         return loss, {"forget/loss": logged(loss), "forget/mse": logged(mse), "forget/weight": logged(w)}
 
     def remember_loss(self, batch, gen):
-        part = batch["remember"]
-        mse, t = self.standard_loss(part["x0"], gen, cond=part.get("cond"))
+        mse, t = self.remember_mse(batch["remember"], gen)
         w = 1 - self._weight(t)
         loss = (w * mse).mean()
         return loss, {"remember/loss": logged(loss), "remember/mse": logged(mse)}
