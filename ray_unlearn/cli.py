@@ -100,8 +100,10 @@ def _summary(report: dict) -> str:
         verdict = "forgotten" if r["forgotten"] else f"NOT forgotten ({r['why']})"
         lines.append(f"  target {r['id']}: SSCD base {r['sscd_base']:.3f} -> {r['sscd_unlearned']:.3f}  {verdict}")
         if r.get("rank") is not None:
+            rule = ("specificity rule off" if r.get("margin") is None else
+                    f"margin {r['margin']:+.3f} to their low percentile ({'specific' if r['specific'] else 'NOT specific'})")
             lines.append(f"    SSCD(base, hotfix) {r['sscd_base_hotfix']:.3f}: {r['rank']:.0%} of unrelated outputs moved as "
-                         f"far; margin {r['margin']:+.3f} to their low percentile ({'specific' if r['specific'] else 'NOT specific'})")
+                         f"far; {rule}")
     s = report.get("specificity")
     if s:
         lines.append(f"specificity on {s['n']} unrelated seeds: SSCD(base, hotfix) median {s['median']:.3f}, p10 {s['p10']:.3f}; "

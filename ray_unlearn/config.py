@@ -218,22 +218,11 @@ class EvalConfig(_Strict):
     )
     # p10: a one-sided rank test at level ~0.1 against "the hotfix changed every output alike"
     # (evaluate.target_verdict); 5% collateral: issue 14's bound (at n=32, at most one output).
-    specificity_percentile: float = Field(
+    specificity_percentile: float | None = Field(
         10.0, gt=0.0, lt=50.0,
         description="A target counts as forgotten only when its SSCD(base, hotfix) is below this percentile "
-        "of SSCD(base_i, hotfix_i) over the integrity seeds: it moved more than all but this share of unrelated outputs.",
-    )
-    max_collateral: float = Field(
-        0.05, ge=0.0, le=1.0,
-        description="The integrity gate refuses a hotfix when more than this share of unrelated outputs has "
-        "SSCD(base_i, hotfix_i) below the forget threshold (collateral forgetting).",
-    )
-    # p10: a one-sided rank test at level ~0.1 against "the hotfix changed every output alike"
-    # (evaluate.target_verdict); 5% collateral: issue 14's bound (at n=32, at most one output).
-    specificity_percentile: float = Field(
-        10.0, gt=0.0, lt=50.0,
-        description="A target counts as forgotten only when its SSCD(base, hotfix) is below this percentile "
-        "of SSCD(base_i, hotfix_i) over the integrity seeds: it moved more than all but this share of unrelated outputs.",
+        "of SSCD(base_i, hotfix_i) over the integrity seeds: it moved more than all but this share of unrelated outputs. "
+        "null: the rule is not applied (the figures are still reported; for protocol tests on toy models).",
     )
     max_collateral: float = Field(
         0.05, ge=0.0, le=1.0,

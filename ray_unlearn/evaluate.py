@@ -122,7 +122,7 @@ def specificity_figures(cfg: EvalConfig, shift: torch.Tensor, threshold: float) 
         "p10": round(float(np.percentile(v, 10)), 4),
         "min": round(float(v.min()), 4),
         "percentile": cfg.specificity_percentile,
-        "bound": round(float(np.percentile(v, cfg.specificity_percentile)), 4),
+        "bound": None if cfg.specificity_percentile is None else round(float(np.percentile(v, cfg.specificity_percentile)), 4),
         "threshold": round(float(threshold), 4),
         "collateral": round(below / len(v), 4),
         "collateral_count": below,
@@ -135,14 +135,15 @@ def target_specificity(sscd_base_hotfix: float, spec: dict | None) -> dict:
     """The target's own SSCD(base, hotfix) ranked among the unrelated pairs' (`spec`:
     `specificity_figures`; None = not measured): `rank` is the share of unrelated outputs that
     moved at least as much (0: the target moved more than every one), `margin` the rule's bound
-    minus the target's value (> 0: specific)."""
+    minus the target's value (> 0: specific; None with `specific` when the rule is off)."""
     x = round(float(sscd_base_hotfix), 4)  # the reported figures decide, so a reader can redo the verdict
     out = {"sscd_base_hotfix": x, "rank": None, "margin": None, "specific": None}
     if spec is not None:
         v = np.asarray(spec["values"])
         out["rank"] = round(float((v <= x).mean()), 4)
-        out["margin"] = round(spec["bound"] - x, 4)
-        out["specific"] = bool(x < spec["bound"])
+        if spec["bound"] is not None:
+            out["margin"] = round(spec["bound"] - x, 4)
+            out["specific"] = bool(x < spec["bound"])
     return out
 
 
@@ -261,7 +262,7 @@ def evaluate_outputs(
             "sscd",
         )
     if spec is not None and rows:  # the least specific target, for tables and tags
-        spec["target_margin"] = min(r["margin"] for r in rows)
+        spec["target_margin"] = None if spec["bound"] is None else min(r["margin"] for r in rows)
         spec["target_rank"] = max(r["rank"] for r in rows)
     integrity = integrity_figures(metrics, integrity_base, integrity_new, fid=cfg.fid)
     integrity["unavailable"].update(unavailable)

@@ -98,3 +98,12 @@ def test_global_damage_is_not_specific_forgetting():
     row = res["targets"][0]
     assert row["specific"] and row["rank"] == 0.0 and row["forgotten"]
     assert res["specificity"]["collateral"] == 0.0 and res["integrity"]["ok"] and res["passed"]
+
+
+def test_specificity_rule_can_be_turned_off_and_still_reports():
+    cfg = EvalConfig(specificity_percentile=None)
+    spec = ev.specificity_figures(cfg, torch.arange(1, 11, dtype=torch.float64) / 10, threshold=0.35)
+    assert spec["bound"] is None and spec["median"] == 0.55 and spec["collateral"] == 0.3
+    t = ev.target_specificity(0.15, spec)
+    assert t["rank"] == 0.1 and t["margin"] is None and t["specific"] is None
+    assert ev.target_verdict(True, False, t["specific"]) == (True, None)

@@ -1,7 +1,8 @@
 """The deletion-request batch processor: descriptors, the commit protocol, a batch end to end on a
 tiny model, crash points, SIGKILL at random moments, two processors at once, and the demo model.
 
-The tiny-model runs loosen the gates (fixed threshold 0.999, integrity bound 0, and the operator
+The tiny-model runs loosen the gates (fixed threshold 0.999, integrity bound 0, no specificity rule
+and no collateral bound (a random tiny model's outputs all move alike), and the operator
 override `--train-unproduced`: their random pictures are not the tiny model's outputs) so that the
 protocol, not forgetting, is under test; the demo test uses the real gates.
 """
@@ -43,7 +44,7 @@ def tiny_config(model_dir: Path, tmp_path: Path, **eval_over) -> Path:
         "surrogate": {"kind": "flip"},
         "train": {"steps": 2, "batch_forget": 1, "batch_remember": 2, "device": "cpu"},
         "eval": {"n_integrity": 2, "threshold": "fixed", "fixed_threshold": 0.999, "min_integrity_ssim": 0.0,
-                 "fid": False, **eval_over},
+                 "specificity_percentile": None, "max_collateral": 1.0, "fid": False, **eval_over},
         "cache_dir": str(tmp_path / "cache"),
     }
     path = tmp_path / "tiny.yaml"

@@ -66,6 +66,8 @@ class _Measured:
     check: Check
     descriptor: dict
     train_s: float
+    spec: dict | None = None  # evaluate.specificity_figures of this request's integrity samples
+    gate: dict | None = None  # evaluate.integrity_gate: SSIM and collateral forgetting
 
 
 class Batch:
@@ -103,6 +105,8 @@ class Batch:
         self.threshold = ev.calibrate_threshold(cfg.eval, self.metrics, self.ref.remember)
         self.reference_hf = float(ev.high_frequency_energy(self.integrity_base).max())
         self.bound = ev.ARTIFACT_FACTOR * self.reference_hf
+        # every request's SSCD(base_i, hotfix_i) (evaluate.unrelated_shift) compares against these
+        self.integrity_emb = self.metrics.sscd_embed(self.integrity_base)
 
     def _earlier_checks(self) -> list[Check]:
         """Everything the serving model must keep forgotten: the done requests, and the requests
@@ -217,7 +221,7 @@ class Batch:
             go, override = self._produced(rec, sscd_base)
             if not go:
                 return
-            measured = self._train_and_measure(prep, emb[0], rec)
+            measured = self._train_and_measure(prep, emb[0], rec, emb[1])
         except MetricUnavailable as err:
             self._restore(snap)
             raise BatchAborted(f"a metric the gates need is unavailable: {err}") from None
@@ -254,7 +258,8 @@ class Batch:
             "checked_at": now_iso()})
         return False, None
 
-    def _train_and_measure(self, prep, picture_emb: torch.Tensor, rec: RequestRecord) -> _Measured:
+    def _train_and_measure(self, prep, picture_emb: torch.Tensor, rec: RequestRecord,
+                           base_out_emb: torch.Tensor) -> _Measured:
         fam = self.family
         t = time.perf_counter()
         engine.train(prep, progress=False)
@@ -267,16 +272,21 @@ class Batch:
         emb = self.metrics.sscd_embed(torch.cat([new.cpu()] + ([earlier.cpu()] if judged else [])))
         self.sscd_source = self.metrics.sources().get("sscd", "sscd")
         sscd_new, hf = float(picture_emb @ emb[0]), float(ev.high_frequency_energy(new)[0])
-        forgotten, why = ev.target_verdict(sscd_new < self.threshold["value"], hf > self.bound)
-        row = {"sscd_unlearned": round(sscd_new, 4), "hf_energy": round(hf, 4), "artifact": hf > self.bound,
-               "forgotten": forgotten, "why": why}
-        rows = judge_checks(self.checks, judged, earlier, emb[1:], self.bound)
         integrity_new = fam.generate(fam.initial_noise(self.seeds))
+        # specificity: the picture's output must have moved more than the unrelated outputs did
+        shift = ev.unrelated_shift(self.metrics, self.integrity_base, integrity_new, self.integrity_emb)
+        spec = ev.specificity_figures(self.cfg.eval, shift, self.threshold["value"])
+        target = ev.target_specificity(float(base_out_emb @ emb[0]), spec)
+        forgotten, why = ev.target_verdict(sscd_new < self.threshold["value"], hf > self.bound, target["specific"])
+        row = {"sscd_unlearned": round(sscd_new, 4), "hf_energy": round(hf, 4), "artifact": hf > self.bound,
+               **target, "forgotten": forgotten, "why": why}
+        rows = judge_checks(self.checks, judged, earlier, emb[1:], self.bound)
         ssim = float(self.metrics.ssim(self.integrity_base, integrity_new).mean())
+        gate = ev.integrity_gate(self.cfg.eval, {"ssim": round(ssim, 4)}, spec)
         descriptor = encode_descriptor(picture_emb, self.sscd_source)
         check = Check(rec.id, rec.seed, decode_descriptor(descriptor), self.threshold["value"],
                       prep.targets[0].image if rec.seed is None else None)
-        return _Measured(row, rows, ssim, integrity_new, check, descriptor, train_s)
+        return _Measured(row, rows, ssim, integrity_new, check, descriptor, train_s, spec, gate)
 
     def _gates(self, rec: RequestRecord, m: _Measured, sscd_base: float, snap) -> bool:
         """Gates 1-3 on the request's figures; a failed one restores the snapshot and moves the request."""
@@ -295,6 +305,10 @@ class Batch:
             self.moves.release_or_fail(rec, f"integrity gate: unlearning it would leave SSIM {m.ssim:.3f} "
                                        f"against the base, below the bound {min_ssim}", attempt)
             return False
+        if m.gate is not None and not m.gate["ok"]:  # collateral forgetting (evaluate.integrity_gate)
+            self._restore(snap)
+            self.moves.release_or_fail(rec, f"integrity gate: {m.gate['why']}", attempt)
+            return False
         bad = regressions(m.rows)
         if bad:
             self._restore(snap)
@@ -311,6 +325,9 @@ class Batch:
             "sscd_base": round(sscd_base, 4), "sscd_new": m.row["sscd_unlearned"], "artifact": m.row["artifact"],
             "hf_energy": m.row["hf_energy"], "artifact_bound": round(self.bound, 4),
             "threshold": self.threshold, "integrity_after_request": {"ssim": round(m.ssim, 4), "n": len(self.seeds)},
+            "specificity": None if m.spec is None else {
+                **{k: m.row.get(k) for k in ("sscd_base_hotfix", "rank", "margin", "specific")},
+                **{k: m.spec[k] for k in ("n", "median", "p10", "percentile", "bound", "collateral", "max_collateral")}},
             "descriptor": m.descriptor, "settings": self._settings(), "train_seconds": round(m.train_s, 2),
             "times": {"claimed_at": rec.updated_at.isoformat(timespec="milliseconds"), "started_at": started,
                       "verified_at": now_iso()},
