@@ -7,8 +7,8 @@ sampler: the reference and each fast candidate (DPM-Solver++ 2M ODE and SDE at `
 - the base model itself (no hotfix): nothing may count as forgotten;
 - the surrogate method with its defaults, on target seed A;
 - NegGrad with its defaults, on target seed A;
-- a sequential hotfix: the surrogate method on seed A, then again on seed B starting from that
-  hotfix, judged on both targets.
+- a sequential hotfix: the surrogate method on seed A (the hotfix above), then again on seed B
+  starting from a copy of it, judged on both targets.
 The target seeds are drawn from a fixed RNG (`SEED_RNG`), never picked. A candidate agrees when every
 target's verdict (forgotten yes/no) and the pass/fail are the reference's, and each integrity SSIM is
 within `SSIM_TOLERANCE` of the reference's.
@@ -16,6 +16,7 @@ within `SSIM_TOLERANCE` of the reference's.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
@@ -81,31 +82,40 @@ def run_sampler_agreement(cfg: UnlearnConfig | None = None, fast_steps: int = 20
         c.method = _method(method)
         return c
 
-    hotfixes: list[tuple[str, Prepared]] = []
     say(f"[agreement] target seeds drawn from random.Random({SEED_RNG}): A={seed_a}, B={seed_b}")
-    # the base model, judged as if it were a hotfix: nothing is forgotten
-    hotfixes.append(("base model (no hotfix)", prepare(cfg_for("surrogate", seed_a), load_family(cfg, lora=False),
-                                                       surrogates=False)))
     t_train: dict[str, float] = {}
-    for name, method in (("surrogate (defaults), seed A", "surrogate"), ("neggrad (defaults), seed A", "neggrad")):
+    rows: list[dict] = []
+    made: dict[str, Prepared] = {}
+
+    def surrogate_a() -> Prepared:
+        prep = prepare(cfg_for("surrogate", seed_a))
+        train(prep, progress=progress)
+        made["surrogate_a"] = prep
+        return prep
+
+    def neggrad_a() -> Prepared:
+        prep = prepare(cfg_for("neggrad", seed_a))
+        train(prep, progress=progress)
+        return prep
+
+    def base_model() -> Prepared:  # judged as if it were a hotfix: nothing is forgotten
+        return prepare(cfg_for("surrogate", seed_a), load_family(cfg, lora=False), surrogates=False)
+
+    def sequential() -> Prepared:
+        # request 1 is the surrogate-A hotfix above (same config and seed: the same training, run once);
+        # request 2 starts from a copy of it
+        first = made["surrogate_a"]
+        second = prepare(cfg_for("surrogate", seed_b), family=copy.deepcopy(first.family), base=base)
+        train(second, progress=progress)
+        return dataclasses.replace(second, targets=first.targets + second.targets)
+
+    # each hotfix is judged as soon as it exists, so an interrupted run keeps its finished rows
+    for name, make in (("surrogate (defaults), seed A", surrogate_a), ("neggrad (defaults), seed A", neggrad_a),
+                       ("base model (no hotfix)", base_model), ("sequential surrogate A then B", sequential)):
         say(f"[agreement] training: {name} ...")
         t0 = time.perf_counter()
-        prep = prepare(cfg_for(method, seed_a))
-        train(prep, progress=progress)
+        prep = make()
         t_train[name] = round(time.perf_counter() - t0, 1)
-        hotfixes.append((name, prep))
-    say("[agreement] training: sequential surrogate, seed A then seed B ...")
-    t0 = time.perf_counter()
-    first = prepare(cfg_for("surrogate", seed_a))
-    train(first, progress=progress)
-    second = prepare(cfg_for("surrogate", seed_b), family=first.family, base=base)
-    train(second, progress=progress)
-    seq = dataclasses.replace(second, targets=first.targets + second.targets)
-    t_train["sequential surrogate A then B"] = round(time.perf_counter() - t0, 1)
-    hotfixes.append(("sequential surrogate A then B", seq))
-
-    rows = []
-    for name, prep in hotfixes:
         say(f"[agreement] judging: {name} ...")
         ref = _judge_with(prep, base, prep.family, reference.model_dump(), metrics)
         row = {"hotfix": name, "reference": ref, "candidates": {}}
@@ -117,6 +127,8 @@ def run_sampler_agreement(cfg: UnlearnConfig | None = None, fast_steps: int = 20
             got["ssim_agrees"] = got["ssim_delta"] is not None and abs(got["ssim_delta"]) <= SSIM_TOLERANCE
             row["candidates"][cname] = got
         rows.append(row)
+        say(f"[agreement] {name}: " + json.dumps({k: {kk: v[kk] for kk in ("forgotten", "integrity_ssim", "passed")}
+                                                   for k, v in [("reference", ref), *row["candidates"].items()]}))
         if out is not None:  # partial results survive an interrupted run
             Path(out).mkdir(parents=True, exist_ok=True)
             (Path(out) / "sampler_agreement.partial.json").write_text(json.dumps(rows, indent=2) + "\n")
