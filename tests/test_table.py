@@ -62,7 +62,8 @@ def test_tiny_table_writes_every_output(tmp_path, tiny_model_dir):
     from ray_unlearn.table import TINY_SETS, run_table
 
     sets = (*TINY_SETS, f"model.path={tiny_model_dir}", f"cache_dir={tmp_path / 'cache'}")
-    arms = [Arm(m, "paper") for m in METHODS]
+    # SISS's paper preset trains at t = 999; the tiny scheduler has 100 timesteps
+    arms = [Arm(m, "paper", ("method.t_fixed=99",) if "t_fixed" in METHODS[m].config.model_fields else ()) for m in METHODS]
     table = run_table(TableOptions(n_targets=2, arms=arms, sets=sets, out=tmp_path / "t", progress=False))
     assert table["seeds"] == table_seeds(2)
     assert all(len(rows) == 2 for rows in table["runs"].values())
