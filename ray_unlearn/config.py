@@ -68,7 +68,6 @@ class ModelConfig(_Strict):
     sd3: SD3Settings = Field(default_factory=SD3Settings, description="sd3 family settings.")
 
 
-
 class SamplerConfig(_Strict):
     # "ddim" with eta 1 is the reference verifier (DDIM, Song et al. 2021; 50 steps as in the paper's
     # evaluation). "dpmsolver++" (ODE) and "sde-dpmsolver++" are diffusers' DPM-Solver++ 2M (Lu et al.
@@ -105,7 +104,6 @@ class SurrogateConfig(_Strict):
         "default: the target's own prompt.",
     )
     paths: list[str] = Field(
-
         default_factory=list,
         description="kind='provided': one edited image per target, in target order.",
     )
