@@ -421,17 +421,19 @@ def search(
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Everything goes here: store, MLflow DB, pareto.")] = Path("runs/demo"),
     trials: Annotated[int, typer.Option("--trials", min=2, help="Search trials.")] = 6,
-    space: Annotated[str, typer.Option("--space", help="A shipped search space name or a YAML file.")] = "demo",
+    space: Annotated[str, typer.Option("--space", help="A shipped search space name or a YAML file (sd3: 'demo' means sd3).")] = "demo",
+    family: Annotated[str, typer.Option("--family", help="ddpm: the faces model (seed 7); sd3: the flag model (its card's wrong flag).")] = "ddpm",
     set_: SetOpt = [],  # noqa: B006
     json_out: JsonOpt = False,
 ) -> None:
     """The main job, end to end on embedded defaults: a deletion request for the shipped demo
-    model's output (seed 7), a Pareto search on local Ray, MLflow on SQLite, the best hotfix promoted."""
+    model's output (seed 7; with --family sd3, the flag model's wrong flag), a Pareto search on
+    local Ray, MLflow on SQLite, the best hotfix promoted."""
     from ray_unlearn.config import ConfigError
     from ray_unlearn.platform.demo import run_demo
 
     try:
-        summary = run_demo(out, trials=trials, space=space, progress=not json_out, sets=set_)
+        summary = run_demo(out, trials=trials, space=space, progress=not json_out, sets=set_, family=family)
     except _infra() as err:
         _fail(str(err), ExitCode.INFRASTRUCTURE)
     except (ConfigError, ValueError) as err:

@@ -131,3 +131,14 @@ def test_flag_demo_wrong_flag_forgotten_other_seeds_intact_neggrad_worse(tmp_pat
     print("neggrad:", json.dumps({"target": n["targets"][0], "integrity": n["integrity"]}))
     assert n["config"]["train"]["steps"] == r["config"]["train"]["steps"] and n["config"]["train"]["lr"] == r["config"]["train"]["lr"]
     assert n["integrity"]["ssim"] < r["integrity"]["ssim"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEMO_SD3_DIR / "sweep.json").is_file(), reason="the flag model is not trained")
+def test_demo_family_sd3_runs_the_main_job_on_the_flag_model(tmp_path):
+    res = cli("demo", "--family", "sd3", "--trials", "2", "--out", tmp_path / "demo", "--json",
+              "--set", "remember.n=8", "--set", "eval.n_integrity=8", "--set", "train.steps=20")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    assert len(summary["trials"]) == 2 and summary["request"]
+    assert (tmp_path / "demo" / "request.png").is_file() and (tmp_path / "demo" / "sd3").is_dir()
