@@ -75,7 +75,7 @@ def run_scaling(cfg: UnlearnConfig | None = None, workers: list[int] = (1, 2), n
            "sampler": f"{cfg.sampler.kind} {cfg.sampler.steps}", "model": cfg.model.path}
     for n, r in runs.items():
         rate = n_samples / r["seconds"]
-        res[f"workers_{n}"] = {"seconds": round(r["seconds"], 2), "samples_per_s": round(rate, 3),
+        res[f"workers_{n}"] = {"seconds": round(r["seconds"], 4), "samples_per_s": round(rate, 3),
                                "scaling_efficiency": round(rate / (n * rate1), 3),
                                "max_abs_diff_vs_fewest": float(abs(r["images"] - one["images"]).max())}
     return res
