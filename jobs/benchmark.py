@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
             _print_table("Sampler agreement", table(res))
             return res
     elif a.scaling:
-        from ray_unlearn.bench.scaling import run_scaling
+        from ray_unlearn.platform.scaling import run_scaling
         from ray_unlearn.config import load_config
 
         res = run_scaling(load_config(a.config, a.sets), workers=a.workers, n_samples=a.samples)

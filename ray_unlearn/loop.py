@@ -115,6 +115,7 @@ class UnlearnLoop:
         if not self.params:
             raise ValueError("the model has no trainable parameters")
         self.optimizer = make_optimizer(self.params, cfg)
+        method.optimizer = self.optimizer  # EraseDiff's inner passes step it, as its reference does
         self.reduce = reduce_grads or (lambda g: g)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step_count = 0

@@ -9,7 +9,7 @@ pytestmark = pytest.mark.slow  # starts Ray and two TorchTrainers: tens of secon
 
 
 def test_scaling_benchmark_reports_efficiency_and_identical_images(tiny_model_dir, tmp_path):
-    from ray_unlearn.bench.scaling import run_scaling
+    from ray_unlearn.platform.scaling import run_scaling
 
     cfg = load_config(None, [f"model.path={tiny_model_dir}", "sampler.steps=3", "sampler.batch_size=2",
                              f"cache_dir={tmp_path}", "train.device=cpu"])

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ray_unlearn.exit_codes import ExitCode
-from ray_unlearn.requests.models import LeaseLost, RequestRecord, now_iso
+from ray_unlearn.requests.models import BatchAborted, LeaseLost, RequestRecord, now_iso  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:  # types only: no import at run time
     from ray_unlearn.requests.lease import LeaseKeeper
@@ -23,10 +23,6 @@ if TYPE_CHECKING:  # types only: no import at run time
 logger = logging.getLogger(__name__)
 
 REQUESTS_EXPERIMENT = "ray-unlearn-requests"
-
-
-class BatchAborted(RuntimeError):
-    """The batch stops and ships nothing (a lease was lost, the lineage moved, a gate failed)."""
 
 
 def make_holder() -> str:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from ray_unlearn.requests.common import BatchAborted
-from ray_unlearn.requests.models import LeaseLost
+from ray_unlearn.requests.models import BatchAborted, LeaseLost
 
 logger = logging.getLogger(__name__)
 

@@ -36,6 +36,10 @@ class RequestNotFound(RequestError, KeyError):
         return str(self.args[0]) if self.args else "request not found"
 
 
+class BatchAborted(RuntimeError):
+    """The batch stops and ships nothing (a lease was lost, the lineage moved, a gate failed)."""
+
+
 class LeaseLost(RuntimeError):
     """The caller no longer holds the request's lease (another processor took it, or it ended).
 
