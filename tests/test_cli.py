@@ -89,15 +89,23 @@ def test_demo_end_to_end_surrogate_forgets_neggrad_damages(tmp_path):
     assert ours.returncode == 0, ours.stderr[-3000:]
     r = json.loads(ours.stdout)
     (row,) = r["targets"]
-    assert row["sscd_unlearned"] < r["forget_threshold"]["value"] < row["sscd_base"]
-    assert row["forgotten"] and not row["artifact"]
-    assert r["integrity"]["ssim"] >= r["integrity"]["min_ssim"] and r["passed"]
+    # The target moved below the threshold. Whether the hotfix PASSES is for the specificity rule and the
+    # collateral gate to say (at 32 px the demo model's unrelated outputs move too: docs/benchmarks.md);
+    # the verdict must follow the one rule, from the figures the report holds.
+    assert row["sscd_unlearned"] < r["forget_threshold"]["value"] < row["sscd_base"] and not row["artifact"]
+    spec = r["specificity"]
+    assert row["specific"] == (row["sscd_base_hotfix"] < spec["bound"])
+    assert row["forgotten"] == bool(row["specific"])
+    assert r["integrity"]["ok"] == (r["integrity"]["ssim"] >= r["integrity"]["min_ssim"]
+                                    and spec["collateral"] <= r["integrity"]["max_collateral"])
+    assert r["passed"] == (row["forgotten"] and r["integrity"]["ok"])
     neg = cli("unlearn", "--target-seed", "7", "--method", "neggrad", "--out", tmp_path / "neg", "--json", *cache,
               "--set", f"train.steps={r['config']['train']['steps']}", "--set", f"train.lr={r['config']['train']['lr']}")
     assert neg.returncode == 0, neg.stderr[-3000:]
     n = json.loads(neg.stdout)
     assert n["integrity"]["ssim"] < r["integrity"]["ssim"]
     assert n["integrity"]["fid"] > r["integrity"]["fid"]
+    assert n["specificity"]["collateral"] > spec["collateral"]  # NegGrad "forgets" more unrelated outputs
     code = (
         "import torch; from diffusers import DDPMPipeline\n"
         f"p = DDPMPipeline.from_pretrained({str(tmp_path / 'ours' / 'hotfix')!r})\n"

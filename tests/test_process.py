@@ -719,11 +719,13 @@ def test_gpu_option_runs_the_batch_as_one_ray_task_holding_a_gpu(tiny_model_dir,
 
 # ---- the demo model through the real CLI ---------------------------------------------------------
 
-DEMO_SEEDS = [7, 11, 5, 4]  # in this order; see docs/requests.md "The demo batch" for how they were picked
+# Drawn from a fixed RNG over a wide range, never screened or replaced (the seeds 7, 11, 5, 4 that the
+# earlier version of this test used were picked by a screen of 17).
+DEMO_SEEDS = random.Random(2026).sample(range(100, 1_000_000), 4)
 
 
 @pytest.mark.slow
-def test_demo_batch_forgets_every_request_and_an_integrity_failure_moves_no_alias(tmp_path):
+def test_demo_batch_handles_every_drawn_request_and_an_integrity_failure_moves_no_alias(tmp_path):
     from ray_unlearn.config import load_config
     from ray_unlearn.data import save_image
     from ray_unlearn.engine import load_family
@@ -743,29 +745,42 @@ def test_demo_batch_forgets_every_request_and_an_integrity_failure_moves_no_alia
         assert r.returncode == 0, r.stderr
         ids.append(json.loads(r.stdout)["record"]["id"])
 
-    bad = _cli("--limit", "1", "--set", f"cache_dir={cache}", "--set", "eval.min_integrity_ssim=0.99", "--json", env=env)
+    # the integrity gate alone: any clear move of the target counts as forgotten here (threshold 0.95, no
+    # specificity rule), and no SSIM reaches the bound
+    bad = _cli("--limit", "1", "--set", f"cache_dir={cache}", "--set", "eval.min_integrity_ssim=0.999",
+               "--set", "eval.threshold=fixed", "--set", "eval.fixed_threshold=0.95",
+               "--set", "eval.specificity_percentile=null", "--json", env=env)
     assert bad.returncode == 3, bad.stderr[-3000:]
     res = json.loads(bad.stdout.strip().splitlines()[-1])
     assert res["requests"][0]["result"] == "returned" and "integrity gate" in res["requests"][0]["reason"]
     assert registry(uri, "ray-unlearn-hotfix").serving() is None  # no alias moved
     assert Queue(open_store(store)).get(ids[0]).state == "pending"
 
-    good = _cli("--limit", "4", "--set", f"cache_dir={cache}", env=env)
-    print(good.stdout, good.stderr[-4000:])
-    assert good.returncode == 0, good.stderr[-4000:]
-    reg = registry(uri, "ray-unlearn-hotfix")
-    v = reg.serving()
-    assert v is not None and v.version == 1 and set(v.tags["requests"].split(",")) == set(ids)
-    assert float(v.tags["integrity_ssim"]) >= 0.6 and v.tags["reverified"] == "4/4"
+    good = _cli("--limit", "4", "--set", f"cache_dir={cache}", "--json", env=env)
+    print(good.stdout[-4000:], good.stderr[-4000:])
+    out = json.loads(good.stdout.strip().splitlines()[-1])
+    assert good.returncode == out["exit_code"]  # the exit status follows the outcome (docs/requests.md)
+    results = {r["id"]: r for r in out["requests"]}
+    assert set(results) == set(ids)  # every request tried: none dropped silently
     q = Queue(open_store(store))
+    done = [rid for rid in ids if results[rid]["result"] == "done"]
     for rid in ids:
-        rec = q.get(rid)
-        e = rec.evidence
-        assert rec.state == "done" and rec.image_key is None
-        assert e["sscd_new"] < e["threshold"]["value"] < e["sscd_base"] and e["threshold"]["kind"] == "calibrated"
-        assert e["sscd_final"] < e["threshold"]["value"]  # still forgotten after every later request
-        shown = subprocess.run([*run, "show", rid], capture_output=True, text=True, env=full_env, cwd=tmp_path, timeout=300)
-        assert shown.returncode == 0 and "sscd_new" in shown.stdout and "threshold" in shown.stdout
-        print(f"{rid} seed {e['seed']}: SSCD {e['sscd_base']:.3f} -> {e['sscd_new']:.3f} (final {e['sscd_final']:.3f}) "
-              f"< {e['threshold']['value']:.3f}; integrity after it {e['integrity_after_request']['ssim']}")
-    print("batch integrity:", e["integrity"])
+        rec, res = q.get(rid), results[rid]
+        if res["result"] == "done":
+            e = rec.evidence
+            assert rec.state == "done" and rec.image_key is None
+            assert e["sscd_new"] < e["threshold"]["value"] < e["sscd_base"] and e["threshold"]["kind"] == "calibrated"
+            assert e["sscd_final"] < e["threshold"]["value"]  # still forgotten after every later request
+            print(f"{rid} seed {e['seed']}: done, SSCD {e['sscd_base']:.3f} -> {e['sscd_new']:.3f} < {e['threshold']['value']:.3f}")
+        else:  # not forgotten, or refused by a gate: back in the queue or failed, with the reason and its figures
+            assert res["result"] in ("returned", "failed", "not_produced") and res["reason"], res
+            assert rec.state in ("pending", "failed", "not_produced") and rec.state != "done"
+            assert "SSCD" in res["reason"] or "gate" in res["reason"] or "not specific" in res["reason"], res
+            print(f"{rid} seed {rec.seed}: {res['result']}: {res['reason']}")
+    v = registry(uri, "ray-unlearn-hotfix").serving()
+    if done:  # an alias moves only to a version holding exactly the requests that passed every gate
+        assert v is not None and v.version == 1 and set(v.tags["requests"].split(",")) == set(done)
+        assert float(v.tags["integrity_ssim"]) >= 0.6
+    else:
+        assert v is None and out["status"] != "promoted"
+    print(f"drawn seeds {DEMO_SEEDS}: {len(done)}/4 done; batch status {out['status']}")
