@@ -171,7 +171,10 @@ def anchor_teacher(cfg: UnlearnConfig, family: DiffusionFamily, base: DiffusionF
     """The frozen original base network for remember.target='base'. A separate `base` family (a
     batch starts from the serving hotfix and keeps the original base beside it) lends its network,
     which never trains; otherwise the family IS the base before training, so a frozen copy is taken."""
-    if cfg.remember.target != "base":
+    target = cfg.remember.target
+    if target == "auto":
+        target = "base" if METHODS[cfg.method.name].uses_surrogate else "noise"
+    if target != "base":
         return None
     if base is not None and base is not family:
         return base.model.eval().requires_grad_(False)

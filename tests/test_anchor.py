@@ -79,3 +79,10 @@ def test_noise_target_is_the_standard_loss_bit_for_bit():
     mse, t = m.remember_mse(batch()["remember"], torch.Generator().manual_seed(3))
     ref, t_ref = m.standard_loss(batch()["remember"]["x0"], torch.Generator().manual_seed(3))
     assert torch.equal(mse, ref) and torch.equal(t, t_ref)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_auto_anchors_the_surrogate_method_and_leaves_the_baselines_on_noise(name):
+    fam = family()
+    teacher = anchor_teacher(cfg("auto", name), fam, None)
+    assert (teacher is not None) == METHODS[name].uses_surrogate
