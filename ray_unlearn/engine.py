@@ -231,7 +231,9 @@ def write_outputs(prep: Prepared, out_dir: Path, result: dict, target_new, integ
         result["targets"],
         prep.integrity_base,
         integrity_new,
-        title=f"{cfg.method.name}: forgotten={result['all_forgotten']}  integrity SSIM={result['integrity']['ssim']}",
+        title=f"{cfg.method.name}: forgotten={result['all_forgotten']}  integrity SSIM={result['integrity']['ssim']}  "
+              f"passed={result['passed']}" + ("" if result["passed"] or not result["integrity"].get("why")
+                                               else f" ({result['integrity']['why']})"),
         specificity=result.get("specificity"),
     )
     grid = integrity_grid(out_dir / "integrity_grid.png", prep.integrity_base, integrity_new)
