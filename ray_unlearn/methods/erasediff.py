@@ -81,7 +81,7 @@ class EraseDiff(Method):
             x_t, _, t = self.noised(x0, gen, noise=u)
             return x_t, f.target(x0, u, t), t
         x_t, _, t = self.noised(x0, gen)
-        return x_t, u, t
+        return x_t, f.target(x0, u, t), t  # = u for epsilon prediction; u - x0 for a velocity model
 
     def _f(self, part, gen) -> torch.Tensor:
         x_t, target, t = self._noised_forget(part["x0"], gen)
