@@ -180,6 +180,49 @@ def evaluate(
 
 
 @app.command()
+def sample(
+    seeds: Annotated[list[int], typer.Argument(help="Seeds to render: each names one output (its initial noise).")],
+    model_path: Annotated[Optional[str], typer.Option("--model-path", help="'demo', a diffusers dir, hub id or s3:// prefix (default: the config's model.path).", show_default=False)] = None,
+    version: Annotated[Optional[str], typer.Option("--version", help="A registered hotfix instead: its number, or @ALIAS (e.g. @production, the serving one).", show_default=False)] = None,
+    model: ModelOpt = None,
+    tracking_uri: TrackingOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = [],  # noqa: B006
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for seed-N.png and grid.png.")] = Path("runs/samples"),
+) -> None:
+    """Render a model's outputs for SEEDS (the serving hotfix with --version @production): what a
+    deletion request refers to, as PNG files and one grid."""
+    cfg = _config(config, set_)
+    if version is not None and model_path is not None:
+        _fail("give --model-path or --version, not both")
+    from ray_unlearn.engine import render_seeds
+    from ray_unlearn.platform.models import local_model
+
+    path = model_path or cfg.model.path
+    if version is not None:
+        from ray_unlearn.platform.promotion import DEFAULT_MODEL_NAME
+        from ray_unlearn.platform.registry import Registry
+
+        reg = Registry(tracking_uri, model or DEFAULT_MODEL_NAME)
+        try:
+            v = reg.serving(version[1:]) if version.startswith("@") else reg.get(version)
+        except LookupError as err:
+            _fail(str(err))
+        except _infra() as err:
+            _fail(f"MLflow at {reg.uri}: {err}", ExitCode.INFRASTRUCTURE)
+        if v is None:
+            _fail(f"no version of {reg.name} holds the alias {version}; see `ray-unlearn versions`")
+        path = v.source
+    try:
+        files = render_seeds(cfg, local_model(path, cfg), seeds, out)
+    except _infra() as err:
+        _fail(str(err), ExitCode.INFRASTRUCTURE)
+    except (ValueError, RuntimeError, FileNotFoundError, OSError) as err:
+        _fail(str(err))
+    typer.echo(f"{len(seeds)} output(s) of {path}:\n" + "\n".join(f"  {f}" for f in files))
+
+
+@app.command()
 def methods(json_out: JsonOpt = False) -> None:
     """List the unlearning methods, their settings and presets."""
     from ray_unlearn.methods import METHODS

@@ -281,6 +281,25 @@ def run_unlearning(cfg: UnlearnConfig, out_dir: str | Path, report: Report | Non
     )
 
 
+def render_seeds(cfg: UnlearnConfig, model_path: str, seeds: list[int], out_dir: str | Path) -> list[Path]:
+    """`ray-unlearn sample`: the model's output for each seed (the same initial noise, and so the same
+    image, as every other command uses for that seed) as OUT/seed-N.png, plus OUT/grid.png."""
+    from torchvision.utils import save_image as save_grid
+
+    if not seeds:
+        raise ValueError("give at least one seed")
+    family = load_family(cfg, model_path, lora=False)
+    images = family.generate(family.initial_noise(list(seeds)), progress=f"sampling {len(seeds)} seed(s)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for seed, img in zip(seeds, images):
+        save_image(img, out_dir / f"seed-{seed}.png")
+        files.append(out_dir / f"seed-{seed}.png")
+    save_grid(images.float().cpu(), out_dir / "grid.png", nrow=min(8, len(seeds)), padding=2, pad_value=1.0)
+    return [*files, out_dir / "grid.png"]
+
+
 def evaluate_models(cfg: UnlearnConfig, base_path: str, new_path: str, out_dir: str | Path | None = None,
                     progress: bool = True) -> dict:
     """`ray-unlearn evaluate`: the same figures for any two models of the same family."""

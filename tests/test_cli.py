@@ -114,3 +114,31 @@ def test_demo_end_to_end_surrogate_forgets_neggrad_damages(tmp_path):
     )
     res = procs.run([sys.executable, "-c", code], timeout=300)
     assert res.returncode == 0 and "generated" in res.stdout, res.stderr[-2000:]
+
+
+def test_sample_renders_a_model_or_the_serving_version_seed_by_seed(tiny_model_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from ray_unlearn.config import load_config
+    from ray_unlearn.engine import load_family
+    from ray_unlearn.platform.registry import Registry
+
+    args = ["--set", "sampler.steps=4", "--set", f"cache_dir={tmp_path / 'cache'}"]
+    res = cli("sample", "3", "5", "--model-path", tiny_model_dir, "--out", tmp_path / "direct", *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    fam = load_family(load_config(None, ["sampler.steps=4", f"model.path={tiny_model_dir}"]), lora=False)
+    want = fam.generate(fam.initial_noise([3, 5]))  # the same output every command names by that seed
+    for seed, img in zip((3, 5), want):
+        got = np.asarray(Image.open(tmp_path / "direct" / f"seed-{seed}.png"), dtype=np.float32) / 255
+        assert np.abs(got - img[0].numpy()).max() <= 1 / 255 + 1e-6
+    assert (tmp_path / "direct" / "grid.png").stat().st_size > 100
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    reg = Registry(uri)
+    reg.promote(reg.register(str(tiny_model_dir), run_id=None, tags={}).version, force=True)
+    served = cli("sample", "3", "--version", "@production", "--tracking-uri", uri, "--out", tmp_path / "served", *args)
+    assert served.returncode == 0, served.stderr[-3000:]
+    assert (tmp_path / "served" / "seed-3.png").read_bytes() == (tmp_path / "direct" / "seed-3.png").read_bytes()
+    missing = cli("sample", "3", "--version", "@staging", "--tracking-uri", uri, "--out", tmp_path / "none", *args)
+    assert missing.returncode == 2 and "no version" in missing.stderr and "@staging" in missing.stderr
