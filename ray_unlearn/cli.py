@@ -299,6 +299,9 @@ def train(
     )
 
 
+# Why a search or the demo promoted nothing, when no single gate's refusal says more.
+NOTHING_PASSED = ("no point of the front passed every gate (target forgotten specifically, integrity SSIM "
+                  "and collateral forgetting within their bounds): each point's figures are in pareto.json")
 ModelOpt = Annotated[Optional[str], typer.Option("--model", help="Registered model name (default: ray-unlearn-hotfix).")]
 TrackingOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow URI (default: $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db).")]
 
@@ -447,7 +450,7 @@ def search(
     except (ConfigError, ValueError) as err:
         _fail(str(err))
     if promote_best and not summary.get("promoted_version"):
-        summary["promotion_refused"] = summary.get("promotion_refused") or "no front point within the integrity bound"
+        summary["promotion_refused"] = summary.get("promotion_refused") or NOTHING_PASSED
     if json_out:
         typer.echo(json.dumps(summary, default=str))
     else:
@@ -489,7 +492,7 @@ def demo(
     if summary["promoted_version"]:
         typer.echo(f"promoted: ray-unlearn-hotfix version {summary['promoted_version']} now serves as @production")
     else:
-        typer.echo(f"nothing promoted: {summary['promotion_refused'] or 'no front point within the integrity bound'}")
+        typer.echo(f"nothing promoted: {summary['promotion_refused'] or NOTHING_PASSED}")
     typer.echo(f"see the runs, sample grids and the registry:\n  {summary['mlflow_ui']}\n  then open http://127.0.0.1:5000")
 
 
