@@ -61,6 +61,7 @@ def test_unlearn_job(ray_head, tiny_model_dir, tmp_path):
 
 
 def test_search_job(ray_head, tiny_model_dir, tmp_path):
+    from ray_unlearn.cli import NOTHING_PASSED
     from ray_unlearn.platform.tracking import Registry
 
     space = tmp_path / "space.yaml"
@@ -78,7 +79,7 @@ def test_search_job(ray_head, tiny_model_dir, tmp_path):
     assert len(reg.find(search=res["search"])) == 2
     # --promote serves the chosen point exactly when the registry's promotion gate passes it; else
     # nothing serves, the summary says why and the job fails (exit 3, which `ray job submit` reports as 1)
-    gate = reg.get(res["chosen"]["version"]).refusal() if res["chosen"] else "no front point within the integrity bound"
+    gate = reg.get(res["chosen"]["version"]).refusal() if res["chosen"] else NOTHING_PASSED
     if gate is None:
         assert rc == 0, out[-6000:]
         assert res["promoted_version"] == res["chosen"]["version"] == reg.serving().version
