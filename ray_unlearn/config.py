@@ -169,6 +169,10 @@ class TrainConfig(_Strict):
     lr: float = Field(3e-5, gt=0.0, description="Learning rate.")
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = Field(
+        (0.9, 0.999), description="Adam/AdamW (beta1, beta2); torch's defaults. SISS's paper preset sets "
+        "(0.95, 0.999) as its reference code does."
+    )
     max_grad_norm: float | None = Field(1.0, description="Clip the step's gradient norm; null = off.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="'auto' = bf16 autocast on CUDA devices that support it, else fp32."

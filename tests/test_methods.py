@@ -229,3 +229,26 @@ def test_bf16_autocast_path_runs_and_auto_is_fp32_on_cpu():
     assert all(p.dtype == torch.float32 for p in loop.params)  # weights stay fp32; only compute is bf16
     img = fam.generate(fam.initial_noise([1]))
     assert img.dtype == torch.float32 and torch.isfinite(img).all()
+
+
+def test_erasediff_draws_antithetic_timesteps_as_the_reference():
+    """n//2+1 draws t, then T-1-t, cut to n (JingWu321/EraseDiff train_ours); 'uniform' opts out."""
+    fam, method, _ = _toy("erasediff")
+    T = fam.num_train_timesteps
+    t = method.timesteps(6, torch.Generator().manual_seed(1))
+    assert torch.equal(t[4:], T - 1 - t[:2]) and len(t) == 6
+    hand = torch.randint(0, T, (6,), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(t[:4], hand[:4])  # the first n//2+1 are plain uniform draws
+    _, uniform, _ = _toy("erasediff", timesteps="uniform")
+    assert torch.equal(uniform.timesteps(6, torch.Generator().manual_seed(1)), hand)
+
+
+def test_siss_paper_preset_uses_the_reference_adamw_betas():
+    from ray_unlearn.config import load_config
+    from ray_unlearn.loop import make_optimizer
+
+    cfg = load_config(None, ["method.name=siss"], preset="paper")
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg.train)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.95, 0.999)
+    default = make_optimizer([torch.nn.Parameter(torch.zeros(2))], load_config(None, ["method.name=siss"]).train)
+    assert default.defaults["betas"] == (0.9, 0.999)

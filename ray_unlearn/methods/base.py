@@ -63,9 +63,13 @@ class Method:
     def noised(self, x0: torch.Tensor, gen: torch.Generator, t_min: int = 0, noise: torch.Tensor | None = None):
         """(x_t, noise, t): x0 noised at uniform timesteps >= t_min with Gaussian noise, or `noise`."""
         f = self.family
-        t = f.sample_timesteps(len(x0), gen, t_min)
+        t = self.timesteps(len(x0), gen, t_min)
         eps = torch.randn(x0.shape, generator=gen).to(x0.device) if noise is None else noise
         return f.add_noise(x0, eps, t), eps, t
+
+    def timesteps(self, n: int, gen: torch.Generator, t_min: int = 0) -> torch.Tensor:
+        """The training timesteps of n samples (the family's own draw; a method may override)."""
+        return self.family.sample_timesteps(n, gen, t_min)
 
     def standard_loss(self, x0: torch.Tensor, gen: torch.Generator, cond=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample denoising loss of clean samples, and their timesteps."""

@@ -58,6 +58,12 @@ class EraseDiffConfig(Strict):
         "noise); 'siss_port': noise with Gaussian eps and regress onto an independent u (SISS's port, "
         "claserken/SISS losses/ddpm_deletion_loss.py `erasediff`).",
     )
+    timesteps: Literal["antithetic", "uniform"] = Field(
+        "antithetic",
+        description=f"'antithetic': draw n//2+1 uniform timesteps t and use t and T-1-t ({_REF} "
+        "ddpm/runners/diffusion.py, train_ours: `t = torch.cat([t, self.num_timesteps - t - 1], dim=0)[:n]`, for "
+        "both the remember and the forget batch); 'uniform': n independent draws (the other methods' choice).",
+    )
     inner_lr: float = Field(
         BASELINE_LR, gt=0.0,
         description="Learning rate of the inner Adam when no loop optimizer is bound (the reference uses the "
@@ -72,6 +78,16 @@ class EraseDiff(Method):
     # optimizer is Adam (cifar10_erasediff.yml), gradient clipping 1.0 (the loop's default).
     presets = {"paper": {"train.steps": 60, "train.lr": BASELINE_LR, "train.optimizer": "adam"}}
     cfg: EraseDiffConfig
+
+    def timesteps(self, n: int, gen: torch.Generator, t_min: int = 0) -> torch.Tensor:
+        f = self.family
+        if self.cfg.timesteps == "uniform":
+            return f.sample_timesteps(n, gen, t_min)
+        t = f.sample_timesteps(n, gen, t_min)
+        if t.is_floating_point():  # a flow family's shifted sigmas: T-1-t is not a draw of the same law
+            return t
+        first = t[: n // 2 + 1]
+        return torch.cat([first, f.num_train_timesteps - 1 - first])[:n].clamp(min=t_min)
 
     def _noised_forget(self, x0, gen):
         """(x_t, target, t) of the forget objective f."""
