@@ -493,6 +493,9 @@ def demo(
         typer.echo(f"promoted: ray-unlearn-hotfix version {summary['promoted_version']} now serves as @production")
     else:
         typer.echo(f"nothing promoted: {summary['promotion_refused'] or NOTHING_PASSED}")
+    typer.echo(f"deletion request {summary['request']}: {summary['request_state']}"
+               + (f" ({summary['request_reason']})" if summary.get("request_reason") else "")
+               + f"; see `ray-unlearn requests show {summary['request']} --store {summary['out_dir']}/store`")
     typer.echo(f"see the runs, sample grids and the registry:\n  {summary['mlflow_ui']}\n  then open http://127.0.0.1:5000")
 
 

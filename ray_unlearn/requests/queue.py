@@ -7,9 +7,9 @@ Layout under `prefix` (default 'requests'):
     _open/<id>                    empty marker while the request is pending or claimed (an index
                                   so that claiming does not read every request ever made)
 
-Protocol. A request's state is its highest-numbered event. Every transition (submit, claim, renew,
-checkpoint, release, complete, fail, invalid, purge) reads the head event `seq` and creates event
-`seq+1` with `put_if_absent`, the store's atomic create-if-not-exists (O_EXCL-like link locally,
+Protocol. A request's state is its highest-numbered event. Every transition (submit, claim or
+claim_ids, renew, checkpoint, release, complete, fail, invalid, purge) reads the head event `seq`
+and creates event `seq+1` with `put_if_absent`, the store's atomic create-if-not-exists (O_EXCL-like link locally,
 PUT If-None-Match:* on S3). Of two writers that read the same head, exactly one creates `seq+1`;
 the other re-reads and re-decides, so a claim is a lock object per request per attempt, and a
 late `complete` from a holder whose lease was retaken can never overwrite the new claim (it gets
@@ -193,9 +193,21 @@ class Queue:
         holder = check_holder(holder)
         if limit < 1:
             raise RequestError(f"claim limit must be at least 1, got {limit}")
+        return self._claim(holder, self._open_ids(), limit)
+
+    def claim_ids(self, holder: str, ids: list[str]) -> list[RequestRecord]:
+        """The named requests, by the rules of `claim` (pending, or claimed with a lease that ran
+        out; each a lock object per attempt; given up after `max_attempts`). A request that is not
+        claimable (done, failed, invalid, or under a live lease) is left as it is and not returned:
+        `get` it to see why. For a job that works on one known request, e.g. `ray-unlearn demo`."""
+        holder = check_holder(holder)
+        ids = list(dict.fromkeys(check_id(rid) for rid in ids))
+        return self._claim(holder, ids, len(ids)) if ids else []
+
+    def _claim(self, holder: str, ids: list[str], limit: int) -> list[RequestRecord]:
         now = self._clock()
         candidates = []
-        for rid in self._open_ids():
+        for rid in ids:
             head = self._head(rid)
             if head is None:
                 continue  # a submit in progress, or one that died before its first event
@@ -256,12 +268,15 @@ class Queue:
                     "lease_expires_at": None, "reason": None}
         return self._update(request_id, "complete", change, holder)
 
-    def fail(self, request_id: str, holder: str, reason: str) -> RequestRecord:
+    def fail(self, request_id: str, holder: str, reason: str, evidence: dict | None = None) -> RequestRecord:
+        """Terminal; `evidence` (the figures that made it fail) is merged into the record's."""
         check, reason = self._held(holder), check_reason(reason)
+        evidence = _json_dict(evidence) if evidence is not None else {}
 
         def change(rec, now):
             check(rec)
-            return {"state": "failed", "reason": reason, "lease_holder": None, "lease_expires_at": None}
+            return {"state": "failed", "reason": reason, "evidence": {**rec.evidence, **evidence},
+                    "lease_holder": None, "lease_expires_at": None}
         return self._update(request_id, "fail", change, holder, reason)
 
     def release(self, request_id: str, holder: str) -> RequestRecord:
