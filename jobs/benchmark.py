@@ -17,6 +17,11 @@ measured side by side in one run.
     python jobs/benchmark.py --table [--targets 8] [--presets paper demo] [--tiny] [--out runs/table]
         the paper's Table I on the demo model (ray_unlearn/table.py): every method at its presets on
         seeds drawn from a fixed RNG; writes table.md, table.json and grid.png
+    python jobs/benchmark.py --continual [--requests 20] [--strategies sequential anchored joint merge] [--tiny]
+            [--budget-minutes M] [--out runs/bench-continual]
+        many deletion requests in a row through the real queue and processor, once per continual
+        strategy, on seeds drawn from a fixed RNG (ray_unlearn/platform/continual.py); writes
+        continual.md, continual.json, integrity.png and heatmap.png; --tiny: 3 requests, 2 strategies
 """
 
 from __future__ import annotations
@@ -53,7 +58,14 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--targets", type=int, default=8, help="target seeds from the fixed RNG (--table)")
     ap.add_argument("--presets", nargs="+", default=["paper"], help="presets to run every method at (--table)")
     ap.add_argument("--budget-minutes", type=float, default=None, help="start no new run after this long; "
-                                                                       "rerun the same command to finish (--table)")
+                                                                       "rerun the same command to finish (--table, "
+                                                                       "--continual)")
+    ap.add_argument("--continual", action="store_true", help="many requests in a row through the processor, per "
+                                                            "continual strategy (hours on CPU; --tiny: under a minute)")
+    ap.add_argument("--requests", type=int, default=None, help="requests in a row from the fixed RNG (--continual; "
+                                                               "default 20, --tiny 3)")
+    ap.add_argument("--strategies", nargs="+", default=None, help="continual strategies (--continual; default all: "
+                                                                  "sequential anchored joint merge; --tiny the first 2)")
     ap.add_argument("--json", action="store_true")
     return ap
 
@@ -69,6 +81,19 @@ def main(argv: list[str] | None = None) -> dict:
                                      budget_s=None if a.budget_minutes is None else 60 * a.budget_minutes))
         if not a.json:
             print((Path(a.out or "runs/table") / "table.md").read_text())
+            return res
+    elif a.continual:
+        from ray_unlearn.bench.continual import STRATEGIES
+        from ray_unlearn.platform.continual import ContinualOptions, run_continual
+
+        strategies = list(a.strategies or (STRATEGIES[:2] if a.tiny else STRATEGIES))
+        out = Path(a.out or "runs/bench-continual")
+        res = run_continual(ContinualOptions(
+            n_requests=a.requests or (3 if a.tiny else 20), strategies=strategies, out=out,
+            tiny=a.tiny, sets=tuple(a.sets), progress=not a.json,
+            budget_s=None if a.budget_minutes is None else 60 * a.budget_minutes))
+        if not a.json:
+            print((out / "continual.md").read_text())
             return res
     elif a.search:
         from ray_unlearn.platform.search_bench import run_search_benchmark
