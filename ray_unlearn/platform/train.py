@@ -148,19 +148,24 @@ def _maybe_fail(config: dict, rank: int, step: int) -> None:
     """Fault injection for tests and drills: exit hard once, at a given step, on a given rank.
 
     `{"step": k, "rank": r, "marker": path}`: the marker file makes it happen once across
-    restarts. Ray Train registers a reported checkpoint only when the controller next takes the
-    workers' reports, so a worker that died right after reporting could take its last checkpoint
-    with it. Every rank therefore reports once more first: a report returns only once the
-    controller took the previous one (and `report` is a barrier, so all ranks take part; each
-    checks the marker before it, the dying rank writes it after).
+    restarts. Ray Train registers a reported checkpoint only when its controller next polls the
+    workers (every 2 s), and a worker that dies before that poll's answer reaches the controller
+    takes its last checkpoint with it. So the dying rank first waits for
+    `ray.train.get_all_reported_checkpoints` (public API: it blocks until the controller has
+    processed every report this worker made) and writes the registered steps into the marker:
+    the restart then resumes from the last checkpoint before step k, every time.
     """
     spec = config.get("fail_once")
-    if not spec or step != spec["step"] or Path(spec["marker"]).exists():
+    if not spec or step != spec["step"] or rank != spec.get("rank", 0) or Path(spec["marker"]).exists():
         return
-    ray.train.report({"step": step, "fault_drill": 1}, checkpoint=None)
-    if rank != spec.get("rank", 0):
-        return
-    Path(spec["marker"]).write_text(f"failed at step {step}\n")
+    try:
+        registered = ray.train.get_all_reported_checkpoints(
+            consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=300)
+        steps = sorted(int(c.metrics["step"]) for c in registered if "step" in c.metrics)
+    except Exception as err:  # a drill that cannot confirm still dies, and says so in its marker
+        logger.warning("fault drill: could not confirm the registered checkpoints (%s: %s)", type(err).__name__, err)
+        steps = None
+    Path(spec["marker"]).write_text(json.dumps({"failed_at_step": step, "registered_checkpoint_steps": steps}) + "\n")
     os._exit(1)
 
 
