@@ -34,7 +34,7 @@ from ray_unlearn.requests.evidence import (
 from ray_unlearn.requests.images import normalise_image
 from ray_unlearn.requests.lease import LeaseKeeper
 from ray_unlearn.requests.lineage import parent_key
-from ray_unlearn.requests.models import LeaseLost, RequestError, RequestRecord
+from ray_unlearn.requests.models import LeaseLost, RequestError, RequestRecord, screen_prompts
 from ray_unlearn.storage import NotFoundError, StorageError, materialize
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,10 @@ class Batch:
     # ---- the run --------------------------------------------------------------------------------
     def run(self, todo: list[RequestRecord]) -> None:
         t0 = time.perf_counter()
+        self.cfg, todo = screen_prompts(self.cfg, todo, self.moves)  # sd3: one prompt per batch; ddpm: none
+        if not todo:
+            self.out.status, self.out.message = "nothing-passed", "no request fits this batch's prompt (each says why)"
+            return
         try:
             self._load()
             self.checks = self._earlier_checks()
@@ -212,7 +216,7 @@ class Batch:
         except (RequestError, NotFoundError, StorageError) as err:
             self.moves.fail(rec.id, f"its image cannot be used: {err}")
             return
-        cfg = self.cfg.model_copy(update={"targets": [TargetSpec(image=str(path), seed=rec.seed)]})
+        cfg = self.cfg.model_copy(update={"targets": [TargetSpec(image=str(path), seed=rec.seed, prompt=rec.prompt)]})
         snap = self._snapshot()
         try:
             prep = engine.prepare(cfg, self.family, reference=self.ref, base=self.base)
@@ -295,7 +299,7 @@ class Batch:
         logger.info("  %s, integrity SSIM %.3f (bound %s), %d earlier re-verified, %.0f s training",
                     figures, m.ssim, min_ssim, len(m.rows), m.train_s)
         attempt = {"sscd_base": round(sscd_base, 4), "sscd_new": m.row["sscd_unlearned"],
-                   "integrity_ssim": round(m.ssim, 4)}
+                   "integrity_ssim": round(m.ssim, 4), "prompt": rec.prompt}
         if not m.row["forgotten"]:
             self._restore(snap)
             self.moves.fail(rec.id, f"not forgotten with these settings: {figures}; {m.row['why']}", **attempt)
@@ -320,7 +324,7 @@ class Batch:
     def _accept(self, rec: RequestRecord, m: _Measured, sscd_base: float, started: str,
                 override: dict | None) -> None:
         evidence = {
-            "content_sha256": rec.content_sha256, "seed": rec.seed,
+            "content_sha256": rec.content_sha256, "seed": rec.seed, "prompt": rec.prompt,
             "judged_by": "the model's output for the seed" if rec.seed is not None else "SDEdit of the picture at 0.5 T",
             "sscd_base": round(sscd_base, 4), "sscd_new": m.row["sscd_unlearned"], "artifact": m.row["artifact"],
             "hf_energy": m.row["hf_energy"], "artifact_bound": round(self.bound, 4),

@@ -132,6 +132,8 @@ def submit(
     image: Annotated[Path, typer.Argument(help="Image of the output to remove (PNG, JPEG, WEBP, BMP, TIFF).")],
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the base model that produced it, if known.")] = None,
     note: Annotated[Optional[str], typer.Option("--note", help="Free text for the operators (plain text).")] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="The prompt that produced the picture, for a "
+                      "text-to-image model (sd3; required there, refused by unconditional models).")] = None,
     max_side: Annotated[int, typer.Option("--max-side", help="A picture larger than this on a side is downscaled "
                         "at the door (aspect kept; the original's hash is recorded): set it to the model's "
                         "resolution.")] = 1024,
@@ -142,15 +144,17 @@ def submit(
     from ray_unlearn.requests.queue import duplicate_notice
 
     with _errors():
-        rec, created = _queue(store, must_exist=False, max_side=max_side).submit(image, seed=seed, note=note)
-        notice = None if created else duplicate_notice(rec, seed, note)
+        queue = _queue(store, must_exist=False, max_side=max_side)
+        rec, created = queue.submit(image, seed=seed, note=note, prompt=prompt)
+        notice = None if created else duplicate_notice(rec, seed, note, prompt)
     if json_out:
         typer.echo(json.dumps({"created": created, "record": rec.public(), "notice": notice}, indent=2))
         return
     if created:
         scaled = (f"; downscaled from {rec.original_size[0]}x{rec.original_size[1]} (original sha256 "
                   f"{rec.original_sha256[:12]}... recorded)" if rec.original_sha256 else "")
-        typer.echo(f"submitted {rec.id} ({rec.width}x{rec.height} {rec.mode}){scaled}; state: {rec.state}")
+        said = f"; prompt {_safe(repr(rec.prompt))}" if rec.prompt is not None else ""
+        typer.echo(f"submitted {rec.id} ({rec.width}x{rec.height} {rec.mode}){scaled}{said}; state: {rec.state}")
         return
     hint = (f" (requeue it: `ray-unlearn requests requeue {rec.id} --reason ...`)"
             if rec.state in ("failed", "not_produced") else "")

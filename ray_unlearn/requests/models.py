@@ -18,6 +18,8 @@ ID_RE = re.compile(r"req-[0-9a-f]{16}")  # always used with fullmatch
 NOTE_MAX = 1000
 REASON_MAX = 2000
 HOLDER_MAX = 200
+# A prompt is kept verbatim (it conditions the model); SD3's encoders read at most 77 CLIP + 256 T5 tokens.
+PROMPT_MAX = 2000
 SEED_MAX = 2**63 - 1
 _BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
@@ -54,6 +56,8 @@ class RequestRecord(BaseModel):
     content_sha256: str = Field(description="sha256 of the normalised pixels (mode, size, bytes).")
     state: State = "pending"
     seed: int | None = Field(None, description="Seed of the base-model output, when the requester knows it.")
+    prompt: str | None = Field(None, description="The prompt that produced the picture (text-to-image models such as "
+                               "sd3: a request is (prompt, seed) or (prompt, picture)); None for unconditional models.")
     note: str | None = Field(None, description="The requester's note, plain text, never interpreted.")
     width: int
     height: int
@@ -129,3 +133,71 @@ def check_seed(seed: int | None) -> int | None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
         raise RequestError(f"seed must be an integer in [0, 2**63-1], got {seed!r}")
     return seed
+
+
+def check_prompt(prompt: str | None) -> str | None:
+    """The prompt as the model will read it (NFC, stripped, plain text); None when not given."""
+    if prompt is None:
+        return None
+    prompt = _plain_text(prompt, "the prompt", PROMPT_MAX)
+    if not prompt:
+        raise RequestError("the prompt is empty: give the text that produced the picture, or leave --prompt out "
+                           "for an unconditional model")
+    return prompt
+
+
+def family_prompt(cfg) -> str | None:
+    """The prompt a batch on `cfg` (an UnlearnConfig) unlearns outputs of: model.sd3.prompt (sd3), else None."""
+    return cfg.model.sd3.prompt if cfg.model.family == "sd3" else None
+
+
+def with_batch_prompt(cfg, records: list[RequestRecord]):
+    """An sd3 batch unlearns outputs of one prompt, as one run does (docs/sd3.md): model.sd3.prompt
+    when set, else the prompt of the oldest request that carries one. Other families: unchanged."""
+    if cfg.model.family != "sd3" or cfg.model.sd3.prompt is not None:
+        return cfg
+    prompt = next((r.prompt for r in records if r.prompt is not None), None)
+    if prompt is None:
+        return cfg
+    return cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"sd3": cfg.model.sd3.model_copy(update={"prompt": prompt})})})
+
+
+def prompt_problem(rec: RequestRecord, cfg) -> tuple[str, bool] | None:
+    """Why this request cannot be unlearned by a batch on `cfg`, and whether a batch with other
+    settings could take it (True: return it to the queue) or it must be fixed by the requester
+    (False: fail it); None when the prompt fits. A text-to-image model (sd3) needs the request's
+    prompt, and a batch takes one prompt; an unconditional model takes none."""
+    family = cfg.model.family
+    if family != "sd3":
+        if rec.prompt is not None:
+            return (f"the model is unconditional ({family}): it takes no prompt, but the request carries "
+                    f"{rec.prompt[:80]!r}; if the picture came from this model, submit it without --prompt"), False
+        return None
+    if rec.prompt is None:
+        return ("the model is text-to-image (sd3): a request needs the prompt that produced the picture; "
+                "submit it with --prompt (and --seed when known)"), False
+    batch = family_prompt(cfg)
+    if batch is not None and rec.prompt != batch:
+        return (f"this batch unlearns outputs of the prompt {batch[:80]!r} (one prompt per batch, as per run); the "
+                f"request's is {rec.prompt[:80]!r}: returned for a batch of that prompt "
+                "(`requests process --set model.sd3.prompt=...`)"), True
+    return None
+
+
+def screen_prompts(cfg, records: list[RequestRecord], moves) -> tuple[object, list[RequestRecord]]:
+    """Before a batch loads its model: its settings with the batch's prompt (`with_batch_prompt`)
+    and the requests it can take. Each one whose prompt does not fit (`prompt_problem`) is failed
+    with the reason (the requester must fix it) or returned to the queue for a batch of its prompt
+    (`moves`: the batch's queue transitions)."""
+    cfg = with_batch_prompt(cfg, records)
+    keep = []
+    for rec in records:
+        problem = prompt_problem(rec, cfg)
+        if problem is None:
+            keep.append(rec)
+        elif problem[1]:
+            moves.release_or_fail(rec, problem[0])
+        else:
+            moves.fail(rec.id, problem[0])
+    return cfg, keep

@@ -42,7 +42,7 @@ from pathlib import Path
 from ray_unlearn.requests.images import DEFAULT_FORMATS, normalise_image
 from ray_unlearn.requests.models import (
     ID_RE, REQUEUABLE, TERMINAL, LeaseLost, RequestError, RequestNotFound, RequestRecord,
-    check_holder, check_id, check_note, check_reason, check_seed, check_state,
+    check_holder, check_id, check_note, check_prompt, check_reason, check_seed, check_state,
 )
 from ray_unlearn.storage import Store, StorageError, check_key
 
@@ -153,9 +153,11 @@ class Queue:
                 return new
         raise StorageError(f"{rid}: the request kept changing while we tried to {event} it; try again")
 
-    def submit(self, image: str | Path | bytes, seed: int | None = None, note: str | None = None) -> tuple[RequestRecord, bool]:
-        """Check, normalise and store a request; (the existing request, False) for a picture already submitted."""
-        seed, note = check_seed(seed), check_note(note)
+    def submit(self, image: str | Path | bytes, seed: int | None = None, note: str | None = None,
+               prompt: str | None = None) -> tuple[RequestRecord, bool]:
+        """Check, normalise and store a request; (the existing request, False) for a picture already submitted.
+        `prompt`: the text that produced the picture, for a text-to-image model (sd3)."""
+        seed, note, prompt = check_seed(seed), check_note(note), check_prompt(prompt)
         img = normalise_image(self._read(image), max_bytes=self.max_bytes, max_side=self.max_side,
                               allowed_formats=self.allowed_formats)
         rid = "req-" + img.sha256[:16]
@@ -166,7 +168,7 @@ class Queue:
                     raise RequestError(f"{rid} already names a different picture; crop or re-encode yours and resubmit")
                 return head[1], False
             now = self._clock()
-            rec = RequestRecord(id=rid, content_sha256=img.sha256, seed=seed, note=note, width=img.width,
+            rec = RequestRecord(id=rid, content_sha256=img.sha256, seed=seed, note=note, prompt=prompt, width=img.width,
                                 height=img.height, mode=img.mode, source_format=img.source_format,
                                 created_at=now, updated_at=now, image_key=f"{self.prefix}/{rid}/image.png",
                                 original_sha256=img.original_sha256, original_size=img.original_size)
@@ -347,10 +349,12 @@ class Queue:
         return self._update(request_id, "purge_image", change)
 
 
-def duplicate_notice(rec: RequestRecord, seed: int | None, note: str | None) -> str | None:
+def duplicate_notice(rec: RequestRecord, seed: int | None, note: str | None, prompt: str | None = None) -> str | None:
     """What a resubmission of an already queued picture did not change (None: nothing differs)."""
     parts = []
-    seed, note = check_seed(seed), check_note(note)
+    seed, note, prompt = check_seed(seed), check_note(note), check_prompt(prompt)
+    if prompt is not None and prompt != rec.prompt:
+        parts.append(f"kept the first submission's prompt {rec.prompt!r} (this one gave {prompt!r})")
     if seed is not None and seed != rec.seed:
         parts.append(f"kept the first submission's seed {rec.seed} (this one gave {seed})")
     if note is not None and note != rec.note:
