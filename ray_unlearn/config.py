@@ -238,6 +238,45 @@ class EvalConfig(_Strict):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
 
+class ContinualConfig(_Strict):
+    """How a batch of deletion requests builds on the requests already done (the request processor
+    only; `ray-unlearn unlearn` ignores it). docs/requests.md "Continual strategies"."""
+
+    # "anchored" for now: the lead sets the default from the continual benchmark (issue 12).
+    strategy: Literal["sequential", "anchored", "joint", "merge"] = Field(
+        "anchored",
+        description="'sequential': each request trains on top of the current weights and remember.target 'auto' "
+        "means 'noise' (the paper's L_r) for every method: the old behaviour, the known-collapsing reference. "
+        "'anchored': on top of the current weights, but 'auto' means 'base' for every method (the remember term "
+        "distills the ORIGINAL base model, never the last hotfix), plus the optional L2 `pull` toward the original "
+        "base weights. 'joint': each batch starts from the ORIGINAL base weights and trains once over every request "
+        "accepted so far along the lineage plus the new ones (earlier ones regenerated from the base by their seed; "
+        "a seedless one needs its picture kept, --retention keep); its training cost grows with the number of "
+        "requests. 'merge': each request trains alone from the ORIGINAL base; its delta (trained weights minus base) "
+        "is stored, and the hotfix is the base plus the merge (`merge_method`) of every delta along the lineage.",
+    )
+    pull: float = Field(
+        0.0, ge=0.0,
+        description="L2 pull toward the original base weights (anchored, joint, merge): each step's gradient gets "
+        "pull * (theta - theta_base) added, the gradient of pull/2 * ||theta - theta_base||^2 (Lee et al., arXiv "
+        "2511.07970). Full-weight training; with a LoRA (model.lora) under 'joint'/'merge' the adapter is pulled "
+        "toward its initial value (a zero change to the base). 0 = off.",
+    )
+    merge_method: Literal["sum", "ties"] = Field(
+        "sum",
+        description="strategy=merge: 'sum' = task arithmetic (the deltas added, Ilharco et al. 2023); 'ties' = "
+        "TIES-Merging (Yadav et al. 2023): per tensor, keep each delta's top `ties_density` entries by magnitude, "
+        "elect each entry's sign by the summed mass, average the kept entries that agree.",
+    )
+    # 0.2: TIES-Merging's top-k of 20% (Yadav et al. 2023, Sec. 3).
+    ties_density: float = Field(0.2, gt=0.0, le=1.0, description="merge_method=ties: share of each delta kept.")
+    joint_steps_per_request: bool = Field(
+        True,
+        description="strategy=joint: train train.steps x the number of requests in the training set (each target "
+        "sees as many forget samples as a single request would); false: train.steps in all.",
+    )
+
+
 class UnlearnConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     sampler: SamplerConfig = Field(default_factory=SamplerConfig)
@@ -247,6 +286,9 @@ class UnlearnConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     method: MethodConfig = Field(default_factory=METHODS[DEFAULT_METHOD].config)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    continual: ContinualConfig = Field(
+        default_factory=ContinualConfig, description="Deletion-request batches: how each builds on earlier requests."
+    )
     cache_dir: str = Field(
         "~/.cache/ray_unlearn", description="Base-model samples are cached here, keyed by content."
     )

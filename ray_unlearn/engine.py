@@ -132,6 +132,7 @@ class Prepared:
     integrity_base: torch.Tensor  # base model's outputs for the integrity seeds
     cache_hits: dict
     teacher: torch.nn.Module | None = None  # frozen original base network (remember.target='base')
+    pull: tuple[float, list[torch.Tensor]] | None = None  # (lambda, anchors): the L2 pull (continual.pull)
 
     def data(self) -> UnlearnData:
         f = self.family
@@ -185,7 +186,7 @@ def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state
           progress: bool = True, on_step=None) -> UnlearnLoop:
     method = build_method(prep.cfg.method, prep.family)
     method.teacher = prep.teacher
-    loop = UnlearnLoop(prep.family, method, prep.data(), prep.cfg.train, reduce_grads)
+    loop = UnlearnLoop(prep.family, method, prep.data(), prep.cfg.train, reduce_grads, pull=prep.pull)
     if state is not None:
         loop.load_state_dict(state)
     if on_step is None:

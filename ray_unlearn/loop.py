@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ray_unlearn.config import TrainConfig
+from ray_unlearn.continual import add_pull
 from ray_unlearn.families.base import DiffusionFamily
 from ray_unlearn.methods.base import Method
 from ray_unlearn.surgery import Grads
@@ -109,8 +110,11 @@ class UnlearnLoop:
         data: UnlearnData,
         cfg: TrainConfig,
         reduce_grads: Callable[[Grads], Grads] | None = None,
+        pull: tuple[float, list[torch.Tensor]] | None = None,
     ):
         self.family, self.method, self.data, self.cfg = family, method, data, cfg
+        # (lambda, anchors): lambda * (theta - anchor) joins each step's gradient (continual.add_pull)
+        self.pull = pull
         self.params = family.trainable_parameters()
         if not self.params:
             raise ValueError("the model has no trainable parameters")
@@ -145,6 +149,8 @@ class UnlearnLoop:
             g_r = [g / self.cfg.grad_accum for g in g_r]
         g_f, g_r = self.reduce(g_f), self.reduce(g_r)
         grads, combine_logs = self.method.combine(g_f, g_r)
+        if self.pull is not None:
+            grads = add_pull(grads, self.params, self.pull[1], self.pull[0])
         self._check_finite({**logs, **combine_logs}, grads)
         for p, g in zip(self.params, grads):
             p.grad = g.to(p.dtype)

@@ -1,29 +1,38 @@
-"""One batch: sequential unlearning of the claimed requests, the gates, and the commit.
+"""One batch: unlearning of the claimed requests under the continual strategy, the gates, and the commit.
 
 Run by `ray_unlearn.requests.process.Processor` (see its docstring for the gates and the order of
 the commit steps, and `lineage` for why each step is safe to crash after). A batch gets what it
 needs passed in (`BatchContext`, the queue transitions, the lease keeper, its settings) and
 writes to the local disk only in its scratch directory.
+
+The strategy (`continual.strategy`; the weight arithmetic is in `ray_unlearn.continual`):
+'sequential' and 'anchored' train each request on top of the current weights (they differ in what
+the remember term regresses onto, and anchored's optional pull toward the base weights); 'merge'
+trains each request alone from the base, stores its delta and evaluates base + the merge of every
+delta along the lineage; 'joint' trains once from the base over every request of the lineage plus
+the new ones, dropping a new request that fails its gates and training again without it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ray_unlearn import engine
+from ray_unlearn import continual, engine
 from ray_unlearn import evaluate as ev
 from ray_unlearn.config import TargetSpec
 from ray_unlearn.data import ImageError, decode_image
 from ray_unlearn.hashing import content_hash
 from ray_unlearn.loop import DivergedError
+from ray_unlearn.methods import METHODS
 from ray_unlearn.metrics import MetricUnavailable
 from ray_unlearn.requests.common import (
     REQUESTS_EXPERIMENT, BatchAborted, BatchContext, Outcome, Transitions, now_iso,
@@ -40,6 +49,10 @@ from ray_unlearn.storage import NotFoundError, StorageError, materialize
 logger = logging.getLogger(__name__)
 
 NOT_PRODUCED = "this model does not generate this image: nothing to remove"
+
+
+def content_sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _picture(png: bytes) -> torch.Tensor:
@@ -68,6 +81,8 @@ class _Measured:
     train_s: float
     spec: dict | None = None  # evaluate.specificity_figures of this request's integrity samples
     gate: dict | None = None  # evaluate.integrity_gate: SSIM and collateral forgetting
+    delta: dict | None = None  # strategy merge: this request's delta (trained weights - base)
+    joint: dict | None = None  # strategy joint: what the training set held
 
 
 class Batch:
@@ -83,6 +98,13 @@ class Batch:
         self.passed: list[tuple[RequestRecord, dict]] = []  # requests that passed every gate, in order
         self.checks: list[Check] = []  # everything that must stay forgotten: earlier done + passed here
         self.run_id = None
+        c = self.cfg.continual
+        self.strategy = c.strategy
+        self.remember_target = continual.remember_target(c.strategy, self.cfg.remember.target,
+                                                         METHODS[self.cfg.method.name].uses_surrogate)
+        self.deltas: dict[str, dict] = {}  # merge: the passed requests' deltas, in order
+        self.lineage_deltas: list[dict] = []  # merge: the deltas of the requests along the lineage
+        self.earlier_specs: list[TargetSpec] = []  # joint: the lineage's requests as targets
 
     # ---- settings and models --------------------------------------------------------------------
     def _load(self) -> None:
@@ -91,13 +113,23 @@ class Batch:
         diffusers_logging.disable_progress_bar()  # our own per-request lines say where we are
         cfg = self.cfg
         self.base = engine.load_family(cfg, lora=False)
+        self.base_weights = {n: p.detach() for n, p in self.base.model.named_parameters()}
         source = self.serving.source if self.serving else None
         # the engine loads local paths only: a hotfix in the store is copied here first (once per machine)
         local = str(materialize(source, Path(cfg.cache_dir).expanduser() / "models")) if source else None
-        self.family = engine.load_family(cfg, model_path=local)
-        logger.info("model: %s %r; method %s, %d steps per request",
+        self.local = local
+        if self.strategy == "joint":  # trains from the base; the serving model is loaded only to check it
+            self.family = engine.load_family(cfg)
+        elif self.strategy == "merge":  # evaluates base + the merged deltas; a trainer starts from the base each time
+            self.family = engine.load_family(cfg, model_path=local, lora=False)
+            self.trainer = engine.load_family(cfg)
+            self.trainer_start = self._snapshot(self.trainer)
+        else:  # sequential, anchored: on top of the serving weights
+            self.family = engine.load_family(cfg, model_path=local)
+        self.start = self._snapshot()
+        logger.info("model: %s %r; method %s, %d steps per request, continual strategy %s (remember term: %s)",
                     f"version {self.serving.version} ({source})" if source else "the base model",
-                    cfg.model.path, cfg.method.name, cfg.train.steps)
+                    cfg.model.path, cfg.method.name, cfg.train.steps, self.strategy, self.remember_target)
         self.ref = engine.reference_outputs(cfg, self.base, progress=False)  # cached after the first batch
         self.seeds = ev.integrity_seeds(cfg.eval)
         self.integrity_base = self.ref.integrity_base[: len(self.seeds)]
@@ -120,6 +152,7 @@ class Batch:
                 evidence.update(ctx.lineage.manifest(batch)["evidence"])
         records = {rec.id: rec for rec in ctx.queue.list("done")}
         evidence.update({rid: rec.evidence for rid, rec in records.items()})
+        self.earlier_evidence = dict(sorted(evidence.items()))
         checks = []
         for rid, ev_ in sorted(evidence.items()):
             image, rec = None, records.get(rid)
@@ -144,7 +177,7 @@ class Batch:
             self._load()
             self.checks = self._earlier_checks()
             if self.checks:
-                rows = verify(self.family, self.metrics, self.checks, self.bound)
+                rows = verify(self._serving_model(), self.metrics, self.checks, self.bound)
                 bad = regressions(rows)
                 if bad:
                     raise BatchAborted(
@@ -152,14 +185,21 @@ class Batch:
                         + ", ".join(f"{r['id']}: SSCD {r['sscd']:.3f} >= {r['threshold']:.3f}" for r in bad[:3])
                         + "): it does not descend from the versions that applied them; restore the alias")
                 logger.info("%d earlier request(s) checked on the serving model: still forgotten", len(rows))
+            if self.strategy == "merge":
+                self._start_merge()
+            elif self.strategy == "joint":
+                self._start_joint()
         except MetricUnavailable as err:
             raise BatchAborted(f"a metric the gates need is unavailable: {err}") from None
         self._start_run()
         try:
-            for i, rec in enumerate(todo, 1):
-                self.keeper.check()
-                logger.info("[%d/%d] %s (seed %s, attempt %d)", i, len(todo), rec.id, rec.seed, rec.attempts)
-                self._one(rec)
+            if self.strategy == "joint":  # one training over the lineage's requests and these
+                self._joint(todo)
+            else:
+                for i, rec in enumerate(todo, 1):
+                    self.keeper.check()
+                    logger.info("[%d/%d] %s (seed %s, attempt %d)", i, len(todo), rec.id, rec.seed, rec.attempts)
+                    self._one(rec)
             if not self.passed:
                 self.out.status = "nothing-passed"
                 self.out.message = "no request passed its gates: nothing to promote"
@@ -188,13 +228,122 @@ class Batch:
                 logger.warning("could not end MLflow run %s: %s", self.run_id, err)
             self.run_id = None  # ended once
 
-    # ---- one request ----------------------------------------------------------------------------
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.family.model.named_parameters() if p.requires_grad}
+    # ---- the continual strategy ------------------------------------------------------------------
+    def _serving_model(self):
+        """The model that serves now, for the check of the earlier requests (joint trains from the
+        base, so the serving hotfix is loaded beside it for this check only)."""
+        if self.strategy != "joint":
+            return self.family
+        return engine.load_family(self.cfg, model_path=self.local, lora=False) if self.local else self.base
 
-    def _restore(self, snap: dict[str, torch.Tensor]) -> None:
+    def _built_by_batches(self) -> None:
+        """joint and merge rebuild the hotfix from the base out of the lineage's requests: every
+        version along the lineage must be a batch's, else what it changed would be dropped."""
+        for v in self.ctx.lineage.chain():
+            if not v.tags.get("batch"):
+                raise BatchAborted(
+                    f"continual.strategy={self.strategy} rebuilds the hotfix from the base model out of the requests "
+                    f"along the lineage, but version {v.version} was not made by a request batch (e.g. a promoted "
+                    "search point): what it changed would be dropped; use continual.strategy=anchored")
+
+    def _start_merge(self) -> None:
+        """The lineage's deltas, loaded and checked (base + their merge must be the serving model)."""
+        self._built_by_batches()
+        store = self.ctx.store
+        for rid, e in self.earlier_evidence.items():
+            d = e.get("delta")
+            if not d:
+                raise BatchAborted(
+                    f"continual.strategy=merge: request {rid} was applied by strategy {e.get('strategy', 'sequential')} "
+                    "and has no stored delta; merge builds every hotfix as the base + the deltas of the requests along "
+                    "the lineage, so it cannot build on this lineage: use continual.strategy=anchored or joint")
+            try:
+                data = store.get_bytes(d["key"])
+            except (NotFoundError, StorageError) as err:
+                raise BatchAborted(f"continual.strategy=merge: the delta of request {rid} cannot be read ({err})") from None
+            if content_sha(data) != d.get("sha256"):
+                raise BatchAborted(f"continual.strategy=merge: the stored delta of request {rid} ({d['key']}) does not "
+                                   "match its checksum: it was altered or corrupted in storage")
+            self.lineage_deltas.append(continual.load_delta(data))
+        if not self.lineage_deltas:
+            return
+        serving = self._snapshot()
+        self._apply_merge([])
+        drift = max(float((p.detach() - serving[n]).abs().max()) for n, p in self.family.model.named_parameters())
+        if drift > 1e-4:
+            raise BatchAborted(f"the serving model is not the base + the merge of its lineage's {len(self.lineage_deltas)} "
+                               f"delta(s) (max |difference| {drift:.2e}): restore the alias or use another strategy")
+        self.start = self._snapshot()
+        logger.info("merge: %d delta(s) along the lineage; the serving model is the base + their %s",
+                    len(self.lineage_deltas), self.cfg.continual.merge_method)
+
+    def _apply_merge(self, extra: list[dict]) -> None:
+        """The evaluated model = base + merge(lineage deltas, passed deltas, `extra`)."""
+        c = self.cfg.continual
+        deltas = [*self.lineage_deltas, *self.deltas.values(), *extra]
+        merged = continual.merge_deltas(deltas, c.merge_method, c.ties_density) if deltas else {}
+        continual.apply_delta(self.family.model, self.base_weights, merged)
+
+    def _start_joint(self) -> None:
+        """The lineage's requests as targets: regenerated from the base by their seed, or their
+        kept picture (a seedless request whose picture is gone stops the batch)."""
+        self._built_by_batches()
+        for rid, e in self.earlier_evidence.items():
+            if e.get("seed") is not None:
+                self.earlier_specs.append(TargetSpec(seed=int(e["seed"])))
+                continue
+            try:
+                png = self.ctx.queue.read_image(rid)
+            except (RequestError, NotFoundError, StorageError):
+                raise BatchAborted(
+                    f"continual.strategy=joint retrains every request along the lineage from the base model, but "
+                    f"request {rid} has no seed and its picture was purged (retention delete): it cannot be "
+                    "retrained; use continual.strategy=anchored or merge for this lineage, or keep pictures "
+                    "(--retention keep) from the first batch on") from None
+            path = self.tmp / f"earlier-{rid}.png"
+            path.write_bytes(png)
+            self.earlier_specs.append(TargetSpec(image=str(path)))
+        logger.info("joint: %d earlier request(s) along the lineage join the training set (%d from their seed)",
+                    len(self.earlier_specs), sum(s.seed is not None for s in self.earlier_specs))
+
+    def _request_cfg(self, targets: list[TargetSpec]):
+        """The batch's settings for one training: its targets, the remember term resolved for the strategy."""
+        return self.cfg.model_copy(update={
+            "targets": targets, "remember": self.cfg.remember.model_copy(update={"target": self.remember_target})})
+
+    def _pull(self, family) -> tuple[float, list[torch.Tensor]] | None:
+        """(lambda, anchors) of the L2 pull toward the original base (None: off). Full weights:
+        the base's own tensors; a LoRA (joint, merge: it starts from the base): its initial value."""
+        lam = self.cfg.continual.pull
+        if lam == 0:
+            return None
+        named = [(n, p) for n, p in family.model.named_parameters() if p.requires_grad]
+        if getattr(family, "lora", None) is None:
+            return lam, continual.pull_anchors(named, self.base_weights)
+        return lam, continual.initial_anchors(p for _, p in named)
+
+    def _train(self, prep) -> dict | None:
+        """Train; under merge, then set the evaluated model to base + the merge with this delta."""
+        engine.train(prep, progress=False)
+        if self.strategy != "merge":
+            return None
+        effective = dict(self.trainer.merged_unet().named_parameters())
+        delta = continual.weight_delta(effective, self.base_weights)
+        self._apply_merge([delta])
+        return delta
+
+    def _delta_key(self, rid: str) -> str:
+        return f"deltas/{rid}/{self.id}.safetensors"
+
+    # ---- one request ----------------------------------------------------------------------------
+    def _snapshot(self, family=None) -> dict[str, torch.Tensor]:
+        family = family or self.family
+        return {n: p.detach().clone() for n, p in family.model.named_parameters() if p.requires_grad}
+
+    def _restore(self, snap: dict[str, torch.Tensor], family=None) -> None:
+        family = family or self.family
         with torch.no_grad():
-            for n, p in self.family.model.named_parameters():
+            for n, p in family.model.named_parameters():
                 if n in snap:
                     p.copy_(snap[n])
 
@@ -216,16 +365,21 @@ class Batch:
         except (RequestError, NotFoundError, StorageError) as err:
             self.moves.fail(rec.id, f"its image cannot be used: {err}")
             return
-        cfg = self.cfg.model_copy(update={"targets": [TargetSpec(image=str(path), seed=rec.seed, prompt=rec.prompt)]})
+        cfg = self._request_cfg([TargetSpec(image=str(path), seed=rec.seed, prompt=rec.prompt)])
         snap = self._snapshot()
+        trainer = self.family
+        if self.strategy == "merge":  # each request alone from the base
+            trainer = self.trainer
+            self._restore(self.trainer_start, trainer)
         try:
-            prep = engine.prepare(cfg, self.family, reference=self.ref, base=self.base)
+            prep = engine.prepare(cfg, trainer, reference=self.ref, base=self.base)
+            prep.pull = self._pull(trainer)
             emb = self.metrics.sscd_embed(torch.cat([prep.targets[0].image[None].cpu(), prep.target_base.cpu()]))
             sscd_base = float(emb[0] @ emb[1])
             go, override = self._produced(rec, sscd_base)
             if not go:
                 return
-            measured = self._train_and_measure(prep, emb[0], rec, emb[1])
+            measured = self._train_and_measure(prep, [(rec, 0, emb[0], emb[1])])[0]
         except MetricUnavailable as err:
             self._restore(snap)
             raise BatchAborted(f"a metric the gates need is unavailable: {err}") from None
@@ -262,64 +416,162 @@ class Batch:
             "checked_at": now_iso()})
         return False, None
 
-    def _train_and_measure(self, prep, picture_emb: torch.Tensor, rec: RequestRecord,
-                           base_out_emb: torch.Tensor) -> _Measured:
+    def _train_and_measure(self, prep, items: list[tuple[RequestRecord, int, torch.Tensor, torch.Tensor]]
+                           ) -> list[_Measured]:
+        """Train on `prep`, then each new request's figures; `items`: (request, its index in
+        prep.targets, the picture's SSCD embedding, the base output's)."""
         fam = self.family
         t = time.perf_counter()
-        engine.train(prep, progress=False)
+        delta = self._train(prep)
         train_s = time.perf_counter() - t
-        new = ev.model_outputs_for_targets(fam, prep.targets)
+        new = ev.model_outputs_for_targets(fam, [prep.targets[i] for _, i, _, _ in items])
         if not bool(torch.isfinite(new).all()):
             raise DivergedError(prep.cfg.train.steps, "NaN", "the model's output for the picture", "after training")
         earlier, judged = outputs_for(fam, self.checks)
-        # one SSCD pass: the new model's output for the picture, and the re-checks
+        # one SSCD pass: the new model's outputs for the pictures, and the re-checks
         emb = self.metrics.sscd_embed(torch.cat([new.cpu()] + ([earlier.cpu()] if judged else [])))
         self.sscd_source = self.metrics.sources().get("sscd", "sscd")
-        sscd_new, hf = float(picture_emb @ emb[0]), float(ev.high_frequency_energy(new)[0])
+        hf_all = ev.high_frequency_energy(new)
         integrity_new = fam.generate(fam.initial_noise(self.seeds))
         # specificity: the picture's output must have moved more than the unrelated outputs did
         shift = ev.unrelated_shift(self.metrics, self.integrity_base, integrity_new, self.integrity_emb)
         spec = ev.specificity_figures(self.cfg.eval, shift, self.threshold["value"])
-        target = ev.target_specificity(float(base_out_emb @ emb[0]), spec)
-        forgotten, why = ev.target_verdict(sscd_new < self.threshold["value"], hf > self.bound, target["specific"])
-        row = {"sscd_unlearned": round(sscd_new, 4), "hf_energy": round(hf, 4), "artifact": hf > self.bound,
-               **target, "forgotten": forgotten, "why": why}
-        rows = judge_checks(self.checks, judged, earlier, emb[1:], self.bound)
+        rows = judge_checks(self.checks, judged, earlier, emb[len(items):], self.bound)
         ssim = float(self.metrics.ssim(self.integrity_base, integrity_new).mean())
         gate = ev.integrity_gate(self.cfg.eval, {"ssim": round(ssim, 4)}, spec)
-        descriptor = encode_descriptor(picture_emb, self.sscd_source)
-        check = Check(rec.id, rec.seed, decode_descriptor(descriptor), self.threshold["value"],
-                      prep.targets[0].image if rec.seed is None else None)
-        return _Measured(row, rows, ssim, integrity_new, check, descriptor, train_s, spec, gate)
+        out = []
+        for j, (rec, i, picture_emb, base_out_emb) in enumerate(items):
+            sscd_new, hf = float(picture_emb @ emb[j]), float(hf_all[j])
+            target = ev.target_specificity(float(base_out_emb @ emb[j]), spec)
+            forgotten, why = ev.target_verdict(sscd_new < self.threshold["value"], hf > self.bound, target["specific"])
+            row = {"sscd_unlearned": round(sscd_new, 4), "hf_energy": round(hf, 4), "artifact": hf > self.bound,
+                   **target, "forgotten": forgotten, "why": why}
+            descriptor = encode_descriptor(picture_emb, self.sscd_source)
+            check = Check(rec.id, rec.seed, decode_descriptor(descriptor), self.threshold["value"],
+                          prep.targets[i].image if rec.seed is None else None)
+            out.append(_Measured(row, rows, ssim, integrity_new, check, descriptor, train_s, spec, gate, delta))
+        return out
 
-    def _gates(self, rec: RequestRecord, m: _Measured, sscd_base: float, snap) -> bool:
-        """Gates 1-3 on the request's figures; a failed one restores the snapshot and moves the request."""
+    def _verdict(self, rec: RequestRecord, m: _Measured, sscd_base: float) -> tuple[str | None, str, dict]:
+        """Gates 1-3 on the request's figures: (None | 'fail' | 'return', the reason, the attempt's
+        figures). 'fail': not forgotten (its own doing); 'return': integrity or a regression, which
+        depend on what else was unlearned."""
         min_ssim = self.cfg.eval.min_integrity_ssim
         figures = f"SSCD {sscd_base:.3f} -> {m.row['sscd_unlearned']:.3f} (threshold {self.threshold['value']:.3f})"
-        logger.info("  %s, integrity SSIM %.3f (bound %s), %d earlier re-verified, %.0f s training",
-                    figures, m.ssim, min_ssim, len(m.rows), m.train_s)
+        logger.info("  %s: %s, integrity SSIM %.3f (bound %s), %d earlier re-verified, %.0f s training",
+                    rec.id, figures, m.ssim, min_ssim, len(m.rows), m.train_s)
         attempt = {"sscd_base": round(sscd_base, 4), "sscd_new": m.row["sscd_unlearned"],
                    "integrity_ssim": round(m.ssim, 4), "prompt": rec.prompt}
         if not m.row["forgotten"]:
-            self._restore(snap)
-            self.moves.fail(rec.id, f"not forgotten with these settings: {figures}; {m.row['why']}", **attempt)
-            return False
+            return "fail", f"not forgotten with these settings: {figures}; {m.row['why']}", attempt
         if m.ssim < min_ssim:
-            self._restore(snap)
-            self.moves.release_or_fail(rec, f"integrity gate: unlearning it would leave SSIM {m.ssim:.3f} "
-                                       f"against the base, below the bound {min_ssim}", attempt)
-            return False
+            return "return", (f"integrity gate: unlearning it would leave SSIM {m.ssim:.3f} against the base, "
+                              f"below the bound {min_ssim}"), attempt
         if m.gate is not None and not m.gate["ok"]:  # collateral forgetting (evaluate.integrity_gate)
-            self._restore(snap)
-            self.moves.release_or_fail(rec, f"integrity gate: {m.gate['why']}", attempt)
-            return False
+            return "return", f"integrity gate: {m.gate['why']}", attempt
         bad = regressions(m.rows)
         if bad:
-            self._restore(snap)
-            self.moves.release_or_fail(rec, "unlearning it brought back " + ", ".join(
-                f"{r['id']} (SSCD {r['sscd']:.3f} >= {r['threshold']:.3f})" for r in bad[:3]), attempt)
-            return False
-        return True
+            return "return", "unlearning it brought back " + ", ".join(
+                f"{r['id']} (SSCD {r['sscd']:.3f} >= {r['threshold']:.3f})" for r in bad[:3]), attempt
+        return None, "", attempt
+
+    def _gates(self, rec: RequestRecord, m: _Measured, sscd_base: float, snap) -> bool:
+        """Gates 1-3; a failed one restores the snapshot and moves the request."""
+        kind, reason, attempt = self._verdict(rec, m, sscd_base)
+        if kind is None:
+            return True
+        self._restore(snap)
+        if kind == "fail":
+            self.moves.fail(rec.id, reason, **attempt)
+        else:
+            self.moves.release_or_fail(rec, reason, attempt)
+        return False
+
+    # ---- strategy joint: one training over the lineage's requests and the new ones --------------
+    def _joint(self, todo: list[RequestRecord]) -> None:
+        """Gate 0 for each new request, then train from the base over the earlier and the new
+        requests; a new request that fails a gate is dropped (not forgotten: failed; integrity or
+        a regression: the newest one goes back to pending) and the rest trained again, so the
+        weights that ship were trained on exactly the requests that are recorded."""
+        started = now_iso()
+        new: list[tuple[RequestRecord, Path]] = []
+        for rec in todo:
+            self.keeper.check()
+            try:
+                new.append((rec, self._image(rec)))
+            except (RequestError, NotFoundError, StorageError) as err:
+                self.moves.fail(rec.id, f"its image cannot be used: {err}")
+        if not new:
+            return
+        k = len(self.earlier_specs)
+        cfg = self._request_cfg([*self.earlier_specs, *(TargetSpec(image=str(p), seed=r.seed) for r, p in new)])
+        self._restore(self.start)
+        active = []  # (request, target index, picture emb, base output emb, sscd_base, override)
+        try:
+            prep = engine.prepare(cfg, self.family, reference=self.ref, base=self.base)
+            pictures = torch.stack([t.image for t in prep.targets[k:]]).cpu()
+            emb = self.metrics.sscd_embed(torch.cat([pictures, prep.target_base[k:].cpu()]))
+            n = len(new)
+            for j, (rec, _) in enumerate(new):
+                sscd_base = float(emb[j] @ emb[n + j])
+                go, override = self._produced(rec, sscd_base)
+                if go:
+                    active.append((rec, k + j, emb[j], emb[n + j], sscd_base, override))
+        except MetricUnavailable as err:
+            raise BatchAborted(f"a metric the gates need is unavailable: {err}") from None
+        except Exception as err:  # a model / numerical problem: every new request may be retried
+            for rec, _ in new:
+                self.moves.release_or_fail(rec, f"preparing the joint training raised {type(err).__name__}: {err}")
+            return
+        finally:
+            for _, path in new:
+                path.unlink(missing_ok=True)
+        while active:  # each round drops at least one request: at most len(new) rounds
+            self.keeper.check()
+            self._restore(self.start)
+            index = [*range(k), *(a[1] for a in active)]
+            steps = self.cfg.train.steps * (len(index) if self.cfg.continual.joint_steps_per_request else 1)
+            sub = replace(prep, targets=[prep.targets[i] for i in index], surrogates=prep.surrogates[index],
+                          target_base=prep.target_base[index],
+                          cfg=prep.cfg.model_copy(update={"train": prep.cfg.train.model_copy(update={"steps": steps})}))
+            sub.pull = self._pull(self.family)
+            logger.info("joint: training from the base on %d earlier + %d new request(s), %d steps",
+                        k, len(active), steps)
+            try:
+                measured = self._train_and_measure(sub, [(a[0], len(index) - len(active) + j, a[2], a[3])
+                                                         for j, a in enumerate(active)])
+            except MetricUnavailable as err:
+                raise BatchAborted(f"a metric the gates need is unavailable: {err}") from None
+            except DivergedError as err:
+                for a in active:
+                    self.moves.fail(a[0].id, f"joint training of {len(index)} request(s): {err}")
+                break
+            except Exception as err:
+                for a in active:
+                    self.moves.release_or_fail(a[0], f"joint training raised {type(err).__name__}: {err}")
+                break
+            joint = {"earlier": k, "new": len(active), "steps": steps}
+            verdicts = [self._verdict(a[0], m, a[4]) for a, m in zip(active, measured)]
+            failed = [(a, reason, att) for a, (kind, reason, att) in zip(active, verdicts) if kind == "fail"]
+            for a, reason, att in failed:
+                self.moves.fail(a[0].id, reason, **att)
+            if failed:
+                active = [a for a in active if all(a is not f[0] for f in failed)]
+                continue
+            returned = [(a, reason, att) for a, (kind, reason, att) in zip(active, verdicts) if kind == "return"]
+            if returned:  # integrity and regressions belong to the whole set: drop the newest request
+                a, reason, att = returned[-1]
+                rest = len(active) - 1
+                self.moves.release_or_fail(a[0], reason + (f" (joint training with {len(active)} new request(s): "
+                                                           f"it was dropped, the other {rest} trained again)"
+                                                           if rest else ""), att)
+                active = [x for x in active if x is not a]
+                continue
+            for a, m in zip(active, measured):
+                m.joint = joint
+                self._accept(a[0], m, a[4], started, a[5])
+            return
+        self._restore(self.start)  # nothing passed: the batch ships nothing
 
     def _accept(self, rec: RequestRecord, m: _Measured, sscd_base: float, started: str,
                 override: dict | None) -> None:
@@ -333,11 +585,21 @@ class Batch:
                 **{k: m.row.get(k) for k in ("sscd_base_hotfix", "rank", "margin", "specific")},
                 **{k: m.spec[k] for k in ("n", "median", "p10", "percentile", "bound", "collateral", "max_collateral")}},
             "descriptor": m.descriptor, "settings": self._settings(), "train_seconds": round(m.train_s, 2),
+            "strategy": self.strategy,
             "times": {"claimed_at": rec.updated_at.isoformat(timespec="milliseconds"), "started_at": started,
                       "verified_at": now_iso()},
         }
         if override:
             evidence["produced_override"] = override
+        if m.delta is not None:  # merge: stored at commit step 1
+            evidence["delta"] = {"key": self._delta_key(rec.id), "sha256": None, "tensors": len(m.delta)}
+            self.deltas[rec.id] = m.delta
+        if self.strategy == "joint":  # later joint batches retrain it: from its seed, or they need its picture
+            evidence["regenerated_from_seed"] = rec.seed is not None
+            evidence["joint"] = m.joint
+            if rec.seed is None and self.ctx.retention == "delete":
+                logger.warning("%s has no seed and its picture will be purged (--retention delete): later joint "
+                               "batches cannot retrain it and will stop; keep pictures or use another strategy", rec.id)
         if rec.original_sha256:
             evidence["original_sha256"] = rec.original_sha256
         self.passed.append((rec, evidence))
@@ -348,8 +610,15 @@ class Batch:
 
     def _settings(self) -> dict:
         c = self.cfg
+        k = c.continual
+        strategy = {"strategy": k.strategy, "remember_target": self.remember_target, "pull": k.pull}
+        if k.strategy == "merge":
+            strategy.update(merge_method=k.merge_method, ties_density=k.ties_density)
+        if k.strategy == "joint":
+            strategy.update(joint_steps_per_request=k.joint_steps_per_request)
         return {"method": c.method.name, "steps": c.train.steps, "lr": c.train.lr, "surrogate": c.surrogate.kind,
-                "strength": c.surrogate.strength, "config_sha": content_hash(c.model_dump(mode="json"))}
+                "strength": c.surrogate.strength, "continual": strategy,
+                "config_sha": content_hash(c.model_dump(mode="json"))}
 
     # ---- the batch: final check, then the commit steps in order ---------------------------------
     def _commit(self, elapsed: float) -> None:
@@ -392,6 +661,12 @@ class Batch:
 
         store = self.ctx.store
         hotfix_key, config_key = f"hotfixes/{self.id}", f"batches/{self.id}/config.json"
+        for rec, e in self.passed:  # merge: each request's delta, written once under this batch
+            if "delta" in e:
+                data = continual.save_delta(self.deltas[rec.id], {"request": rec.id, "batch": self.id,
+                                                                  "base_model": self.cfg.model.path})
+                store.put_bytes(e["delta"]["key"], data)
+                e["delta"]["sha256"] = content_sha(data)
         integrity_grid(self.tmp / "integrity_grid.png", self.integrity_base, self.integrity_last)
         self.family.save(self.tmp / "hotfix")
         store.upload_dir(self.tmp / "hotfix", hotfix_key)

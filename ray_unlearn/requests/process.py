@@ -1,7 +1,8 @@
 """The deletion-request batch processor: `ray-unlearn requests process` / `jobs/process_requests.py`.
 
 One run: finish what crashed runs left committed, claim up to `limit` requests, unlearn them one
-after another on top of the serving version (or the base model), gate every step, and, when
+after another on top of the serving version (or the base model; `continual.strategy` says how a
+batch builds on earlier requests, see `batch`), gate every step, and, when
 something passed, commit one new version and move the alias. The commit protocol is in
 `ray_unlearn.requests.lineage`; the queue's in `ray_unlearn.requests.queue`.
 
@@ -163,6 +164,7 @@ class Processor:
         cfg = load_config(self.config_path, self.overrides, base=base)
         if cfg.targets:
             raise ConfigError("a batch's targets are its requests: remove `targets` from the config")
+        check_continual(cfg)
         lineage_base = serving.tags.get("base_model") if serving else None
         if lineage_base and lineage_base != cfg.model.path:
             raise ConfigError(f"version {serving.version} descends from base model {lineage_base!r}, but model.path "
@@ -241,6 +243,26 @@ def check_options(*, limit: int = 8, retention: str = "delete", lease_seconds: f
         raise RequestError(f"--lease-seconds ({lease_seconds}) must be longer than the renewal period "
                            f"--renew-seconds ({renew}), three times is safe: a lease that runs out between two "
                            "renewals is lost and the batch ships nothing")
+
+
+def check_continual(cfg) -> None:
+    """The continual settings a batch can run (ConfigError: what to change)."""
+    from ray_unlearn.config import ConfigError
+
+    c = cfg.continual
+    if c.strategy == "sequential" and c.pull > 0:
+        raise ConfigError("continual.pull applies to the anchored, joint and merge strategies; sequential is the "
+                          "unregularised reference: set continual.pull=0 or another continual.strategy")
+    if c.strategy in ("joint", "merge") and cfg.model.family != "ddpm":
+        raise ConfigError(f"continual.strategy={c.strategy} rebuilds the hotfix from the base model's weights, which "
+                          f"is implemented for the ddpm family only (model.family={cfg.model.family}): use "
+                          "continual.strategy=anchored")
+    lora = cfg.model.lora is not None or (cfg.model.family == "sd3" and not cfg.model.sd3.full_finetune)
+    if c.strategy == "anchored" and c.pull > 0 and lora:
+        raise ConfigError("continual.pull under anchored pulls the trained weights toward the original base's, which "
+                          "needs full-weight training (a LoRA's parameters are not the base's): unset model.lora "
+                          "(sd3: model.sd3.full_finetune=true), or use continual.strategy=joint or merge, whose "
+                          "adapters start from the base")
 
 
 def _pid_alive(pid: int) -> bool:

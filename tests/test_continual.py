@@ -1,0 +1,298 @@
+"""Continual strategies: the weight arithmetic (ray_unlearn/continual.py) on hand-computed cases, the
+pull plumbed through the loop, the settings a batch refuses, and the real processor on a tiny model
+under each strategy, two requests in two batches (docs/requests.md "Continual strategies")."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_scheduler, tiny_unet
+
+from ray_unlearn import continual
+from ray_unlearn.config import ConfigError, ModelConfig, SamplerConfig, TrainConfig, load_config
+from ray_unlearn.families.ddpm import DDPMFamily
+from ray_unlearn.loop import UnlearnData, UnlearnLoop
+from ray_unlearn.methods import METHODS, build_method
+
+
+def family(seed: int = 0) -> DDPMFamily:
+    return DDPMFamily(ModelConfig(path="tiny"), SamplerConfig(steps=2), unet=tiny_unet(seed=seed), scheduler=tiny_scheduler())
+
+
+# ---- the arithmetic, by hand -----------------------------------------------------------------------
+
+def test_ties_by_hand():
+    """density 0.5 keeps 2 of 4 entries per delta; sign elected by the summed mass; mean of the agreeing."""
+    d1 = {"w": torch.tensor([3.0, -1.0, 0.5, 2.0])}  # keeps 3 (0), 2 (3)
+    d2 = {"w": torch.tensor([-2.0, 4.0, 1.0, 0.1])}  # keeps -2 (0), 4 (1)
+    d3 = {"w": torch.tensor([1.5, 1.0, -3.0, 0.2])}  # keeps 1.5 (0), -3 (2)
+    # entry 0: 3 - 2 + 1.5 > 0 -> +, mean(3, 1.5) = 2.25; entry 1: 4; entry 2: -3; entry 3: 2
+    got = continual.merge_deltas([d1, d2, d3], "ties", density=0.5)
+    assert torch.equal(got["w"], torch.tensor([2.25, 4.0, -3.0, 2.0]))
+    # a negative majority: entry 0 of (-3, 2, -0.5) at full density -> -, mean(-3, -0.5)
+    got = continual.merge_deltas([{"w": torch.tensor([-3.0])}, {"w": torch.tensor([2.0])},
+                                  {"w": torch.tensor([-0.5])}], "ties", density=1.0)
+    assert torch.equal(got["w"], torch.tensor([-1.75]))
+
+
+def test_sum_merge_and_missing_tensors_count_as_zero():
+    a = {"x": torch.tensor([1.0, 2.0]), "y": torch.tensor([[0.5]])}
+    b = {"x": torch.tensor([-4.0, 0.25])}
+    got = continual.merge_deltas([a, b], "sum")
+    assert torch.equal(got["x"], torch.tensor([-3.0, 2.25])) and torch.equal(got["y"], torch.tensor([[0.5]]))
+    got = continual.merge_deltas([a, b], "ties", density=1.0)  # y: only a has it, b's zero has no sign
+    # x: entry 0 (1, -4) -> -, -4; entry 1 (2, 0.25) -> +, their mean
+    assert torch.equal(got["y"], torch.tensor([[0.5]])) and torch.equal(got["x"], torch.tensor([-4.0, 1.125]))
+    with pytest.raises(ValueError, match="merge method"):
+        continual.merge_deltas([a], "mean")
+
+
+def test_merge_of_one_delta_is_that_hotfix():
+    base, hot = family(0), family(0)
+    with torch.no_grad():
+        for i, p in enumerate(hot.model.parameters()):
+            if i % 3 == 0:  # some tensors change, the others stay: the delta leaves those out
+                p.add_(torch.randn_like(p) * 0.1)
+    base_w = dict(base.model.named_parameters())
+    delta = continual.weight_delta(dict(hot.model.named_parameters()), base_w)
+    n = len(list(hot.model.parameters()))
+    assert len(delta) == len(range(0, n, 3))
+    restored = family(7)  # other weights: apply_delta sets every parameter
+    continual.apply_delta(restored.model, base_w, continual.merge_deltas([delta], "sum"))
+    eps = torch.finfo(torch.float32).eps
+    for (name, p), q in zip(restored.model.named_parameters(), hot.model.parameters()):
+        p, q = p.detach(), q.detach()
+        bound = eps * max(float(q.abs().max()), float(base_w[name].detach().abs().max()))  # one rounding of b + (w - b)
+        assert float((p - q).abs().max()) <= bound, name
+    back = continual.load_delta(continual.save_delta(delta, {"request": "r"}))
+    assert back.keys() == delta.keys() and all(torch.equal(back[k], delta[k]) for k in delta)
+
+
+def test_pull_gradient_is_lambda_times_the_distance():
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(3, 2, generator=g), torch.randn(4, generator=g)]
+    anchors = [torch.randn(3, 2, generator=g), torch.randn(4, generator=g)]
+    grads = [torch.randn(3, 2, generator=g), torch.randn(4, generator=g)]
+    got = continual.add_pull(grads, params, anchors, 0.3)
+    for out, gr, p, a in zip(got, grads, params, anchors):
+        assert torch.allclose(out, gr + 0.3 * (p - a), rtol=0, atol=1e-7)
+    # it is the gradient of lambda/2 ||theta - anchor||^2
+    p = params[0].clone().requires_grad_(True)
+    (0.3 / 2 * ((p - anchors[0]) ** 2).sum()).backward()
+    assert torch.allclose(continual.add_pull([torch.zeros(3, 2)], [params[0]], [anchors[0]], 0.3)[0], p.grad, atol=1e-7)
+    with pytest.raises(KeyError, match="no parameter"):
+        continual.pull_anchors([("lora_A", params[0])], {"w": params[0]})
+
+
+class _Still(METHODS["surrogate"]):
+    """Zero gradients: the step is the pull alone."""
+
+    def gradients(self, batch, gen, params):
+        zeros = [torch.zeros_like(p) for p in params]
+        return zeros, [torch.zeros_like(p) for p in params], {}
+
+
+def test_the_loop_adds_the_pull_to_each_step():
+    fam, base = family(0), family(0)
+    with torch.no_grad():
+        for p in fam.model.parameters():
+            p.add_(0.2)  # the hotfix drifted
+    before = [p.detach().clone() for p in fam.trainable_parameters()]
+    anchors = continual.pull_anchors([(n, p) for n, p in fam.model.named_parameters()],
+                                     dict(base.model.named_parameters()))
+    cfg = TrainConfig(steps=1, optimizer="sgd", lr=0.5, max_grad_norm=None, device="cpu")
+    x = torch.zeros(2, 1, 16, 16)
+    method = _Still(load_config().method, fam)
+    loop = UnlearnLoop(fam, method, UnlearnData(x, x, x), cfg, pull=(0.1, anchors))
+    loop.run(progress=False)
+    for p, p0, a in zip(fam.trainable_parameters(), before, anchors):
+        assert torch.allclose(p, p0 - 0.5 * 0.1 * (p0 - a), rtol=0, atol=1e-6)  # SGD: theta - lr * lambda (theta - theta0)
+    loop = UnlearnLoop(fam, build_method(load_config().method, fam), UnlearnData(x, x, x), cfg)
+    assert loop.pull is None  # off unless asked for
+
+
+def test_remember_target_per_strategy():
+    rt = continual.remember_target
+    assert [rt("sequential", "auto", s) for s in (True, False)] == ["noise", "noise"]
+    assert [rt("anchored", "auto", s) for s in (True, False)] == ["base", "base"]
+    assert [rt(k, "auto", s) for k in ("joint", "merge") for s in (True, False)] == ["base", "noise"] * 2
+    assert rt("sequential", "base", False) == "base" and rt("anchored", "noise", True) == "noise"  # explicit wins
+    with pytest.raises(ValueError, match="unknown continual strategy"):
+        rt("stacked", "auto", True)
+
+
+def test_settings_a_batch_refuses_say_what_to_change():
+    from ray_unlearn.requests.process import check_continual
+
+    check_continual(load_config(None, ["continual.strategy=merge"]))  # what the benchmark passes: fine
+    with pytest.raises(ConfigError, match="sequential is the unregularised reference"):
+        check_continual(load_config(None, ["continual.strategy=sequential", "continual.pull=0.1"]))
+    with pytest.raises(ConfigError, match="full-weight training"):
+        check_continual(load_config(None, ["continual.pull=0.1", "model.lora.rank=4"]))
+    with pytest.raises(ConfigError, match="ddpm family only"):
+        check_continual(load_config(None, ["continual.strategy=joint", "model.family=sd3"]))
+    with pytest.raises(ConfigError, match="continual.strategy"):
+        load_config(None, ["continual.strategy=stacked"])
+    assert load_config().continual.strategy == "anchored"
+
+
+def test_continual_module_is_pure_torch():
+    import ast
+    from pathlib import Path
+
+    import ray_unlearn.continual as mod
+
+    tree = ast.parse(Path(mod.__file__).read_text())
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert names <= {"__future__", "collections", "warnings", "torch", "peft", "safetensors"}, names
+
+
+# ---- the real processor, each strategy, two requests in two batches -----------------------------------
+
+def _overrides(tmp_path, strategy: str, *extra: str) -> list[str]:
+    """The shipped demo model with tiny settings and loosened gates (fixed threshold 0.999, no integrity
+    bound, no specificity rule): the strategies' mechanics, not forgetting, are under test."""
+    return [f"continual.strategy={strategy}", f"cache_dir={tmp_path / 'cache'}", "sampler.steps=4", "remember.n=4",
+            "surrogate.kind=flip", "train.steps=2", "train.batch_forget=1", "train.batch_remember=2", "train.device=cpu",
+            "eval.n_integrity=4", "eval.threshold=fixed", "eval.fixed_threshold=0.999", "eval.min_integrity_ssim=0",
+            "eval.specificity_percentile=null", "eval.max_collateral=1", "eval.fid=false", *extra]
+
+
+def _submit(store, seed: int) -> str:
+    from ray_unlearn.data import save_image
+    from ray_unlearn.engine import load_family
+    from ray_unlearn.requests import Queue
+    from ray_unlearn.storage import open_store
+
+    fam = load_family(load_config(), lora=False)
+    path = store.parent / f"seed{seed}.png"
+    save_image(fam.generate(fam.initial_noise([seed]))[0], path)
+    return Queue(open_store(store)).submit(path.read_bytes(), seed=seed)[0].id
+
+
+def _run(store, tmp_path, overrides):
+    from ray_unlearn.requests.process import Processor
+
+    return Processor(str(store), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", model_name="continual",
+                     overrides=overrides, train_unproduced=True, retention="keep").run()
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    from ray_unlearn.engine import load_family
+
+    return {n: p.detach().clone() for n, p in load_family(load_config(), model_path=path, lora=False).model.named_parameters()}
+
+
+class _Trainings:
+    """engine.train, recording what each training started from."""
+
+    def __init__(self, monkeypatch):
+        from ray_unlearn import engine
+
+        self.calls, real = [], engine.train
+
+        def train(prep, *a, **kw):
+            self.calls.append({"weights": {n: p.detach().clone() for n, p in prep.family.model.named_parameters()},
+                               "seeds": [t.spec.seed for t in prep.targets], "steps": prep.cfg.train.steps,
+                               "teacher": prep.teacher is not None, "pull": prep.pull,
+                               "remember": prep.cfg.remember.target})
+            return real(prep, *a, **kw)
+
+        monkeypatch.setattr(engine, "train", train)
+
+
+def _same(a: dict, b: dict, atol: float = 0.0) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=atol) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["sequential", "anchored", "merge", "joint"])
+def test_each_strategy_two_requests_in_two_batches(strategy, tmp_path, monkeypatch):
+    from ray_unlearn.platform.tracking import Registry
+    from ray_unlearn.requests import Queue
+    from ray_unlearn.storage import open_store
+
+    store = tmp_path / "store"
+    trainings = _Trainings(monkeypatch)
+    extra = ["continual.pull=0.5"] if strategy == "anchored" else []
+    first = _submit(store, 311)
+    out1 = _run(store, tmp_path, _overrides(tmp_path, strategy, *extra))
+    assert out1.status == "promoted" and out1.version == 1, out1.message
+    second = _submit(store, 529)
+    out2 = _run(store, tmp_path, _overrides(tmp_path, strategy, *extra))
+    assert out2.status == "promoted" and out2.version == 2, out2.message
+    q, reg = Queue(open_store(store)), Registry(f"sqlite:///{tmp_path}/mlflow.db", "continual")
+    for rid in (first, second):
+        e = q.get(rid).evidence
+        assert q.get(rid).state == "done" and e["strategy"] == strategy and e["settings"]["continual"]["strategy"] == strategy
+    assert {r["id"]: r["forgotten"] for r in out2.reverified} == {first: True, second: True}  # both re-verified
+    base = _weights(load_config().model.path)
+    v1, v2 = _weights(reg.get(1).source), _weights(reg.get(2).source)
+    t1, t2 = trainings.calls[0], trainings.calls[-1]
+    if strategy in ("sequential", "anchored"):  # on top of the serving weights
+        assert len(trainings.calls) == 2 and _same(t2["weights"], v1, atol=1e-6) and not _same(v1, base)
+        assert t1["remember"] == ("noise" if strategy == "sequential" else "base") and t2["teacher"] == (strategy == "anchored")
+        if strategy == "anchored":  # the pull's anchors are the ORIGINAL base's weights, also in the second batch
+            lam, anchors = t2["pull"]
+            assert lam == 0.5 and all(torch.equal(a, b) for a, b in zip(anchors, base.values()))
+        else:
+            assert t2["pull"] is None
+    elif strategy == "merge":  # each request alone from the base; the hotfix = base + d1 + d2
+        assert _same(t1["weights"], base) and _same(t2["weights"], base)
+        keys = sorted(open_store(store).list("deltas/"))
+        assert [k.split("/")[1] for k in keys] == sorted([first, second]) and len(keys) == 2
+        d = {rid: continual.load_delta(open_store(store).get_bytes(q.get(rid).evidence["delta"]["key"]))
+             for rid in (first, second)}
+        assert _same(v1, {n: base[n] + d[first].get(n, 0) for n in base}, atol=1e-6)
+        assert _same(v2, {n: base[n] + d[first].get(n, 0) + d[second].get(n, 0) for n in base}, atol=1e-6)
+    else:  # joint: the second batch starts from the base and trains on both requests
+        assert _same(t2["weights"], base) and t2["seeds"] == [311, 529] and t2["steps"] == 2 * 2
+        assert t1["seeds"] == [311] and t1["steps"] == 2
+        assert q.get(second).evidence["regenerated_from_seed"] is True and q.get(second).evidence["joint"]["earlier"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["sequential", "anchored", "merge", "joint"])
+def test_a_request_that_brings_an_earlier_one_back_is_not_shipped(strategy, tmp_path, monkeypatch):
+    """The re-verification after training runs under every strategy (joint and merge hold the earlier
+    request in the training set / the delta sum, and still check it); a regression returns the new
+    request to pending and nothing ships with it."""
+    from ray_unlearn.platform.tracking import Registry
+    from ray_unlearn.requests import Queue, batch
+    from ray_unlearn.storage import open_store
+
+    store = tmp_path / "store"
+    first = _submit(store, 311)
+    assert _run(store, tmp_path, _overrides(tmp_path, strategy)).version == 1
+    real, seen = batch.judge_checks, []
+
+    def earlier_regresses(checks, *a, **kw):
+        rows = real(checks, *a, **kw)
+        seen.append([r["id"] for r in rows])
+        return [{**r, "forgotten": False, "sscd": 0.9991} if r["id"] == first else r for r in rows]
+
+    monkeypatch.setattr(batch, "judge_checks", earlier_regresses)
+    second = _submit(store, 529)
+    out = _run(store, tmp_path, _overrides(tmp_path, strategy))
+    result = {r["id"]: r for r in out.requests}[second]
+    assert seen and all(first in ids for ids in seen)  # re-verified after its training
+    assert result["result"] == "returned" and f"brought back {first}" in result["reason"], result
+    assert out.status == "nothing-passed" and out.version is None
+    reg = Registry(f"sqlite:///{tmp_path}/mlflow.db", "continual")
+    assert reg.serving().version == 1 and Queue(open_store(store)).get(second).state == "pending"
+    assert not [k for k in open_store(store).list("deltas/") if second in k]  # merge: no delta of it stored
+
+
+def test_merge_refuses_a_lineage_without_deltas(tmp_path):
+    """Switching to merge on a lineage built by another strategy stops the batch with what to do."""
+    from ray_unlearn.requests import Queue
+    from ray_unlearn.storage import open_store
+
+    store = tmp_path / "store"
+    _submit(store, 311)
+    assert _run(store, tmp_path, _overrides(tmp_path, "anchored")).version == 1
+    second = _submit(store, 529)
+    out = _run(store, tmp_path, _overrides(tmp_path, "merge"))
+    assert out.status == "aborted" and "has no stored delta" in out.message and "anchored or joint" in out.message
+    assert Queue(open_store(store)).get(second).state == "pending"
