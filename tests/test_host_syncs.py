@@ -108,3 +108,14 @@ def test_one_read_still_stops_before_a_non_finite_step_is_applied(where):
     assert (e.kind, e.quantity) == (("inf", "the logged 'forget/loss'") if where == "log"
                                     else ("NaN", "the combined gradient"))
     assert all(torch.equal(p, q) for p, q in zip(loop.params, after_one))  # not applied
+
+
+def test_the_pull_to_the_base_adds_no_read(host_reads):
+    fam = make_family()
+    anchors = [p.detach().clone() for p in fam.trainable_parameters()]
+    loop = UnlearnLoop(fam, build_method(method_cfg("surrogate"), fam), make_data(),
+                       TrainConfig(steps=3, batch_forget=2, batch_remember=4, lr=1e-3), pull=(0.1, anchors))
+    loop.step()
+    host_reads.clear()
+    loop.step()
+    assert sum(host_reads.values()) == 1, dict(host_reads)
