@@ -73,7 +73,7 @@ def run_demo(out: str | Path = "runs/demo", trials: int = 6, space: str = "demo"
         fam = load_family(base_cfg, lora=False)
         save_image(fam.generate(fam.initial_noise([seed]))[0], png)
     queue = Queue(open_store(store_uri))
-    record, new = queue.submit(png, seed=seed, note=note)
+    record, new = queue.submit(png, seed=seed, note=note, prompt=prompt)  # sd3: the request names its prompt
     logger.info("deletion request %s (%s): the demo model's output for seed %d", record.id,
                 "new" if new else "already queued", seed)
     holder = "demo-" + make_holder()
@@ -220,8 +220,8 @@ def _done_evidence(rec: RequestRecord, summary: dict, cfg, png: Path, version: i
     n_final = chosen.get("n_integrity") or report["integrity"].get("n")
     lpips = tags.get("lpips")
     return {
-        "content_sha256": rec.content_sha256, "seed": rec.seed,
-        "judged_by": "the model's output for the seed" + (" and prompt" if cfg.targets[0].prompt else ""),
+        "content_sha256": rec.content_sha256, "seed": rec.seed, "prompt": rec.prompt,
+        "judged_by": "the model's output for the seed" + (" and prompt" if rec.prompt else ""),
         "sscd_base": row["sscd_base"], "sscd_new": row["sscd_unlearned"], "sscd_final": chosen["sscd"],
         "artifact": row["artifact"], "hf_energy": row.get("hf_energy"), "artifact_bound": report.get("artifact_bound"),
         "threshold": report["forget_threshold"],
