@@ -9,7 +9,11 @@ as forgotten only when its SSCD is below the threshold, its new output is not ar
 (docs/method.md's trap: a low SSCD bought with noise) AND it moved clearly more than unrelated
 outputs did (`target_verdict`). The integrity gate refuses a hotfix whose SSIM is below its bound
 or whose collateral forgetting (the share of unrelated outputs pushed below the threshold) is
-above its bound (`integrity_gate`).
+above its bound (`integrity_gate`). For a target with a prompt, an integrity seed (another seed of
+that prompt) whose base output is a copy of the target (`target_copies`: SSCD at or above the
+threshold, the same test that says a model produces a picture) is not an unrelated output: it is
+left out of the rank test and of collateral forgetting, and reported apart (docs/method.md
+"Specific forgetting").
 """
 
 from __future__ import annotations
@@ -107,12 +111,44 @@ def unrelated_shift(metrics: Metrics, base: torch.Tensor, new: torch.Tensor,
     return (base_emb * metrics.sscd_embed(new)).sum(dim=1)
 
 
-def specificity_figures(cfg: EvalConfig, shift: torch.Tensor, threshold: float) -> dict:
+def target_copies(metrics: Metrics, base: torch.Tensor, target_images: torch.Tensor, threshold: float,
+                  base_emb: torch.Tensor | None = None) -> torch.Tensor:
+    """Which integrity seeds' base outputs are copies of a target: SSCD(base_i, target) at or above
+    the forget threshold for some target, the criterion by which a model "produces" a picture
+    (a request's gate 0). Such seeds are the target again, not unrelated outputs (a text-to-image
+    model draws the same wrong flag for several seeds of its prompt), so their forgetting is the
+    request's effect, not collateral (`specificity_figures`). Bool per integrity seed."""
+    if len(target_images) == 0:
+        return torch.zeros(len(base), dtype=torch.bool)
+    if base_emb is None:
+        base_emb = metrics.sscd_embed(base)
+    sim = base_emb @ metrics.sscd_embed(target_images).T  # [n_integrity, n_targets]
+    return (sim.max(dim=1).values >= threshold).cpu()
+
+
+def specificity_figures(cfg: EvalConfig, shift: torch.Tensor, threshold: float,
+                        copies: torch.Tensor | None = None) -> dict:
     """Summary of `unrelated_shift`: median, 10th percentile, minimum, the rule's bound (the
     `cfg.specificity_percentile`-th percentile, numpy's linear interpolation) and collateral
     forgetting: the share of unrelated outputs whose SSCD(base_i, hotfix_i) is below the forget
-    threshold, i.e. that the threshold alone would call forgotten."""
-    v = shift.double().cpu().numpy()
+    threshold, i.e. that the threshold alone would call forgotten.
+
+    `copies` (`target_copies`; None: none known): integrity seeds whose base output is a copy of a
+    target are not unrelated outputs; they are left out of every figure here (the rank test's
+    bound and collateral forgetting) and reported under `copies`, with how many of them the hotfix
+    forgot. When fewer than 2 seeds would remain, nothing is left out (collateral is then counted
+    over all seeds, the stricter reading) and `copies` says so."""
+    v_all = shift.double().cpu().numpy()
+    keep = np.ones(len(v_all), dtype=bool) if copies is None else ~np.asarray(copies.cpu(), dtype=bool)
+    if len(v_all) != len(keep):
+        raise ValueError(f"{len(v_all)} unrelated pairs but {len(keep)} copy flags: they must pair up")
+    note = None
+    if (~keep).any() and keep.sum() < 2:
+        note = f"{int((~keep).sum())} of {len(v_all)} integrity seeds copy the target: too few left, none left out"
+        copied, keep = ~keep, np.ones(len(v_all), dtype=bool)
+    else:
+        copied = ~keep
+    v = v_all[keep]
     if len(v) < 2:
         raise ValueError(f"specificity needs at least 2 unrelated pairs, got {len(v)}")
     below = int((v < threshold).sum())
@@ -128,6 +164,14 @@ def specificity_figures(cfg: EvalConfig, shift: torch.Tensor, threshold: float) 
         "collateral_count": below,
         "max_collateral": cfg.max_collateral,
         "values": [round(float(x), 4) for x in v],
+        "copies": {
+            "n": int(copied.sum()),
+            "indices": [int(i) for i in np.flatnonzero(copied)],
+            "values": [round(float(x), 4) for x in v_all[copied]],
+            "forgotten": int((v_all[copied] < threshold).sum()),
+            "left_out": note is None,
+            "note": note,
+        },
     }
 
 
@@ -254,7 +298,13 @@ def evaluate_outputs(
     rows = spec = None
     if threshold is not None:
         shift = _maybe(lambda: unrelated_shift(metrics, integrity_base, integrity_new), unavailable, "sscd")
-        spec = None if shift is None else specificity_figures(cfg, shift, threshold["value"])
+        # copies are looked for among a prompt's other seeds only (conditional targets; docs/method.md
+        # "Specific forgetting"): unconditional targets' figures count every integrity seed, as before
+        prompted = [t for t in targets if t.spec.prompt is not None]
+        copies = None if shift is None or not prompted else _maybe(
+            lambda: target_copies(metrics, integrity_base, torch.stack([t.image for t in prompted]), threshold["value"]),
+            unavailable, "sscd")
+        spec = None if shift is None else specificity_figures(cfg, shift, threshold["value"], copies)
         rows = _maybe(
             lambda: judge_targets(metrics, targets, target_base_out, target_new_out, threshold["value"], reference_hf,
                                   spec),

@@ -174,3 +174,70 @@ def test_search_objective_is_relative_and_the_front_shows_collateral(tmp_path):
     assert front == [points[0]] and pareto.choose(front, 0.6, FORGET) == points[0]
     assert pareto.hypervolume(points, 0.0, x=FORGET) == pytest.approx(0.03 * 0.8)
     assert pareto_plot(tmp_path / "p.png", points, front, 0.0, 0.6, front[0], x=FORGET).stat().st_size > 1000
+
+
+class _Embeds:
+    """A stand-in for Metrics.sscd_embed: each image is its own (already normalised) embedding."""
+
+    def sscd_embed(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1).double()
+
+
+def test_copies_of_the_target_are_not_unrelated_outputs():
+    """An integrity seed whose base output copies the target (SSCD >= the forget threshold, the
+    criterion by which a model 'produces' a picture) is the target again: its forgetting is the
+    request's effect, so it leaves the rank test and collateral forgetting and is reported apart."""
+    from ray_unlearn.config import EvalConfig
+    from ray_unlearn import evaluate as ev
+
+    ang = torch.tensor([0.0, 0.3, 1.2, 1.4, 1.5, 0.1])  # base_i's angle to the target's embedding
+    base = torch.stack([torch.cos(ang), torch.sin(ang)], 1)
+    target = torch.tensor([[1.0, 0.0]])
+    copies = ev.target_copies(_Embeds(), base, target, threshold=0.9)  # cos 0, 0.3, 0.1 >= 0.9
+    assert copies.tolist() == [True, True, False, False, False, True]
+    assert ev.target_copies(_Embeds(), base, target[:0], threshold=0.9).tolist() == [False] * 6
+
+    cfg = EvalConfig(specificity_percentile=10, max_collateral=0.05)
+    shift = torch.tensor([0.6, 0.65, 0.95, 0.97, 0.99, 0.7], dtype=torch.float64)  # the copies moved, the rest not
+    counted = ev.specificity_figures(cfg, shift, threshold=0.9)
+    assert counted["collateral"] == 0.5 and counted["copies"]["n"] == 0  # the old reading: 3 of 6 "collateral"
+    spec = ev.specificity_figures(cfg, shift, threshold=0.9, copies=copies)
+    assert spec["n"] == 3 and spec["values"] == [0.95, 0.97, 0.99] and spec["collateral"] == 0.0
+    assert spec["copies"] == {"n": 3, "indices": [0, 1, 5], "values": [0.6, 0.65, 0.7], "forgotten": 3,
+                              "left_out": True, "note": None}
+    assert spec["bound"] == pytest.approx(0.954)  # p10 of the unrelated three only
+    assert ev.integrity_gate(cfg, {"ssim": 0.9}, spec)["ok"]
+    # an unrelated output that really moved still counts
+    moved = ev.specificity_figures(cfg, torch.tensor([0.6, 0.65, 0.5, 0.97, 0.99, 0.7]), 0.9, copies)
+    assert moved["collateral_count"] == 1 and not ev.integrity_gate(cfg, {"ssim": 0.9}, moved)["ok"]
+    # nearly every seed a copy: too few unrelated outputs left, so none is left out (stricter) and it says so
+    few = ev.specificity_figures(cfg, shift, 0.9, torch.tensor([True, True, True, True, True, False]))
+    assert few["n"] == 6 and few["collateral"] == 0.5 and not few["copies"]["left_out"]
+    assert "too few left" in few["copies"]["note"]
+
+
+def test_a_prompts_other_seeds_that_copy_the_target_leave_collateral_unconditional_targets_count_them():
+    """evaluate_outputs on real SSCD: integrity seed 0 draws the target itself (as a flag model
+    draws the same wrong flag for several seeds of its prompt) and the hotfix forgets it with the
+    target. With a prompt the seed is a copy, left out of collateral; without one (an
+    unconditional model) every integrity seed counts, as before."""
+    import torch.nn.functional as F
+    from test_evaluate import faces
+
+    from ray_unlearn import evaluate as ev
+    from ray_unlearn.config import EvalConfig, TargetSpec
+    from ray_unlearn.data import Target
+    from ray_unlearn.metrics import Metrics
+
+    x = faces(12)
+    integrity = torch.cat([x[:1], x[4:11]])  # seed 0 draws the target
+    forgot = F.avg_pool2d(x[:1], 5, 1, 2)  # what the hotfix now draws for the target (and for seed 0)
+    new = torch.cat([forgot, x[4:11]])
+    cfg = EvalConfig(threshold="fixed", fixed_threshold=0.9, n_integrity=8, min_integrity_ssim=0.0, fid=False)
+    for prompt, n, collateral, copies in (("the flag of Ireland", 7, 0.0, [0]), (None, 8, 0.125, [])):
+        targets = [Target("t0", x[0], None, TargetSpec(seed=0, prompt=prompt))]
+        res = ev.evaluate_outputs(cfg, Metrics(), targets, x[:1], forgot, integrity, new, x)
+        spec = res["specificity"]
+        assert res["targets"][0]["below_threshold"], res["targets"]
+        assert spec["n"] == n and spec["collateral"] == collateral and spec["copies"]["indices"] == copies
+        assert res["integrity"]["ok"] == (prompt is not None), res["integrity"]
