@@ -21,7 +21,8 @@ measured side by side in one run.
             [--budget-minutes M] [--out runs/bench-continual]
         many deletion requests in a row through the real queue and processor, once per continual
         strategy, on seeds drawn from a fixed RNG (ray_unlearn/platform/continual.py); writes
-        continual.md, continual.json, integrity.png and heatmap.png; --tiny: 3 requests, 2 strategies
+        continual.md, continual.json, integrity.png and heatmap.png; --tiny: 3 requests, 2 strategies;
+        --single: each request alone on the base model instead (single.md, single.json)
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--continual", action="store_true", help="many requests in a row through the processor, per "
                                                             "continual strategy (hours on CPU; --tiny: under a minute)")
     ap.add_argument("--requests", type=int, default=None, help="requests in a row from the fixed RNG (--continual; "
-                                                               "default 20, --tiny 3)")
+                                                               "default 20, --single 8, --tiny 3)")
+    ap.add_argument("--single", action="store_true", help="--continual: each request alone on the base model "
+                                                         "(single-request integrity over the drawn seeds)")
     ap.add_argument("--strategies", nargs="+", default=None, help="continual strategies (--continual; default all: "
                                                                   "sequential anchored joint merge; --tiny the first 2)")
     ap.add_argument("--json", action="store_true")
@@ -83,17 +86,25 @@ def main(argv: list[str] | None = None) -> dict:
             print((Path(a.out or "runs/table") / "table.md").read_text())
             return res
     elif a.continual:
-        from ray_unlearn.bench.continual import STRATEGIES
+        from ray_unlearn.bench.continual import STRATEGIES, ContinualError
+        from ray_unlearn.config import ConfigError
         from ray_unlearn.platform.continual import ContinualOptions, run_continual
 
+        if not a.json:  # the processor's per-request lines (figures, gates) during an hours-long run
+            from ray_unlearn.cli import setup_logging
+
+            setup_logging()
         strategies = list(a.strategies or (STRATEGIES[:2] if a.tiny else STRATEGIES))
         out = Path(a.out or "runs/bench-continual")
-        res = run_continual(ContinualOptions(
-            n_requests=a.requests or (3 if a.tiny else 20), strategies=strategies, out=out,
-            tiny=a.tiny, sets=tuple(a.sets), progress=not a.json,
-            budget_s=None if a.budget_minutes is None else 60 * a.budget_minutes))
+        try:
+            res = run_continual(ContinualOptions(
+                n_requests=a.requests or (3 if a.tiny else 8 if a.single else 20), strategies=strategies, out=out,
+                tiny=a.tiny, single=a.single, sets=tuple(a.sets), progress=not a.json,
+                budget_s=None if a.budget_minutes is None else 60 * a.budget_minutes))
+        except (ContinualError, ConfigError) as err:  # bad flags or settings: checked before any request
+            raise SystemExit(f"error: {err}") from None
         if not a.json:
-            print((out / "continual.md").read_text())
+            print((out / ("single.md" if a.single else "continual.md")).read_text())
             return res
     elif a.search:
         from ray_unlearn.platform.search_bench import run_search_benchmark

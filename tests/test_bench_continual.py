@@ -15,7 +15,7 @@ import pytest
 
 from ray_unlearn.bench.continual import (
     CONTINUAL_RNG_SEED, SEED_POOL, STRATEGIES, check_strategies, continual_seeds, heatmap_matrix, heatmaps,
-    integrity_plot, load_rows, render_markdown, save_rows, summarize,
+    integrity_plot, load_rows, render_markdown, render_single, save_rows, summarize, summarize_single,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +82,18 @@ def test_table_lists_every_drawn_seed_failures_with_their_figures_and_runs_not_m
     assert f"random.Random({CONTINUAL_RNG_SEED})" in md and "train.steps=2" in md
 
 
+def test_single_requests_count_a_refused_hotfixs_integrity_too():
+    rows = _rows()  # here: three seeds, each alone on the base (the failed one's SSIM is its refused hotfix's)
+    m = summarize_single(rows, 8)
+    assert (m["done"], m["failed"], m["n_ssim"]) == (2, 1, 3)
+    assert m["mean_ssim"] == pytest.approx((0.8 + 0.51 + 0.7) / 3) and m["min_ssim"] == 0.51 and m["below_bound"] == 1
+    assert m["targets"] == {"n>=8": False, "every_target_forgotten": False, "mean_ssim>=0.75": False,
+                            "none_below_0.6": False}
+    md = render_single([11, 22, 33, 44], {"anchored": rows}, {"anchored": m}, [])
+    assert "| 2 | 22 | ✗ failed SSCD 0.970 -> 0.300, SSIM 0.510 (integrity gate" in md and "| 4 | 44 | not run |" in md
+    assert "| anchored | 3/8 | 2 | 1 | 0 | 0.670 | 0.510 | 1/3 |" in md
+
+
 def test_heat_map_is_requests_by_versions_from_each_requests_own_version_on():
     labels, versions, m = heatmap_matrix(_rows())
     assert labels == ["#1 seed 11", "#3 seed 33"] and versions == [1, 2]  # the failed request made no version
@@ -142,6 +154,9 @@ def test_budget_starts_no_request_and_the_table_says_not_run(tmp_path):
     assert all(f"| {i} | {s} | not run |" in md for i, s in enumerate(continual_seeds(2), 1))
     assert sorted(p.name for p in (tmp_path / "o" / "requests").glob("seed-*.png")) == sorted(
         f"seed-{s}.png" for s in continual_seeds(2))  # what a requester would send, rendered by `sample`'s code
+    with pytest.raises(ValueError, match="new --out"):  # never another model's pictures
+        run_continual(ContinualOptions(n_requests=2, strategies=["sequential"], tiny=True, out=tmp_path / "o",
+                                       progress=False, budget_s=0.0, sets=("sampler.steps=3",)))
 
 
 @pytest.mark.slow
@@ -182,6 +197,16 @@ def test_tiny_benchmark_records_every_seed_per_strategy_resumes_and_keeps_failur
                                                                progress=False))
     assert again["runs"] == res["runs"]
     monkeypatch.undo()
+
+    # single requests: each seed alone on the base model, so each done one is version 1 of its own registry
+    single = continual.run_continual(continual.ContinualOptions(
+        n_requests=2, strategies=["sequential"], tiny=True, single=True, out=out, progress=False))
+    rows = single["runs"]["sequential"]
+    assert [r["seed"] for r in rows] == seeds[:2] and (out / "single.md").is_file()
+    assert all(r["version"] == (1 if r["result"] == "done" else None) and r["n_done"] <= 1 for r in rows)
+    first = res["runs"]["sequential"][0]["request"]  # request 1 of a run is a single request on the same base
+    assert {k: pytest.approx(v, abs=0.02) for k, v in first.items() if v is not None} == {
+        k: v for k, v in rows[0]["request"].items() if v is not None}
 
     # a request the gates refuse is recorded failed, with its figures, and the model is unchanged
     bad = continual.run_continual(continual.ContinualOptions(

@@ -29,23 +29,27 @@ TARGET_FINAL_SSIM = 0.70
 TARGET_FID_RATIO = 1.5
 
 
+class ContinualError(ValueError):
+    """Bad input to the benchmark (a flag, or an OUT written by another run): says what to do."""
+
+
 def continual_seeds(n: int) -> list[int]:
     """The first n request seeds of the benchmark's fixed RNG."""
     if n < 1:
-        raise ValueError(f"the continual benchmark needs at least one request, got --requests {n}")
+        raise ContinualError(f"the continual benchmark needs at least one request, got --requests {n}")
     if n > 1000:
-        raise ValueError(f"--requests {n}: at most 1000 (each request is a processor run and a registered version)")
+        raise ContinualError(f"--requests {n}: at most 1000 (each request is a processor run and a registered version)")
     return random.Random(CONTINUAL_RNG_SEED).sample(SEED_POOL, n)
 
 
 def check_strategies(strategies: list[str]) -> list[str]:
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad:
-        raise ValueError(f"unknown strategy {', '.join(map(repr, bad))}: choose from {', '.join(STRATEGIES)}")
+        raise ContinualError(f"unknown strategy {', '.join(map(repr, bad))}: choose from {', '.join(STRATEGIES)}")
     if len(set(strategies)) != len(strategies):
-        raise ValueError(f"a strategy is named twice: {strategies}")
+        raise ContinualError(f"a strategy is named twice: {strategies}")
     if not strategies:
-        raise ValueError("give at least one strategy (--strategies)")
+        raise ContinualError("give at least one strategy (--strategies)")
     return list(strategies)
 
 
@@ -58,7 +62,7 @@ def load_rows(path: Path, sets: list[str]) -> list[dict]:
         return []
     saved = json.loads(path.read_text())
     if saved.get("sets") != list(sets):
-        raise ValueError(f"{path} was written with the settings {saved.get('sets')}, not {list(sets)}: rerun with "
+        raise ContinualError(f"{path} was written with the settings {saved.get('sets')}, not {list(sets)}: rerun with "
                          "the same --set values (and --tiny or not) to resume it, or give a new --out")
     return saved["rows"]
 
@@ -114,6 +118,60 @@ def summarize(rows: list[dict], n_planned: int) -> dict:
             f"fid_ratio<={TARGET_FID_RATIO}": ratio is not None and ratio <= TARGET_FID_RATIO,
         },
     }
+
+
+TARGET_SINGLE_MEAN_SSIM, TARGET_SINGLE_MIN_SSIM, TARGET_SINGLE_N = 0.75, 0.6, 8  # issue 12 point 4
+
+
+def summarize_single(rows: list[dict], n_planned: int) -> dict:
+    """Single requests (`--single`: each seed alone on the base model): how many were forgotten
+    (done), and the integrity SSIM each hotfix had, a refused one's included (the request's own
+    figure: what shipping it would have left)."""
+    ssims = [r["request"].get("integrity_ssim") for r in rows if (r.get("request") or {}).get("integrity_ssim") is not None]
+    done = sum(r["result"] == "done" for r in rows)
+    mean = _mean(ssims)
+    return {
+        "planned": n_planned, "recorded": len(rows), **{r: sum(row["result"] == r for row in rows) for r in RESULTS},
+        "mean_ssim": mean, "min_ssim": min(ssims) if ssims else None,
+        "below_bound": sum(x < TARGET_SINGLE_MIN_SSIM for x in ssims), "n_ssim": len(ssims),
+        "wall_seconds": round(sum(row.get("wall_seconds") or 0.0 for row in rows), 1),
+        "targets": {
+            f"n>={TARGET_SINGLE_N}": len(rows) >= TARGET_SINGLE_N,
+            "every_target_forgotten": bool(rows) and done == len(rows) == n_planned,
+            f"mean_ssim>={TARGET_SINGLE_MEAN_SSIM}": mean is not None and mean >= TARGET_SINGLE_MEAN_SSIM,
+            f"none_below_{TARGET_SINGLE_MIN_SSIM}": bool(ssims) and min(ssims) >= TARGET_SINGLE_MIN_SSIM,
+        },
+    }
+
+
+def render_single(seeds: list[int], runs: dict[str, list[dict]], summaries: dict[str, dict], sets: list[str]) -> str:
+    lines = [f"Single requests: each of seeds {', '.join(map(str, seeds))} (the first {len(seeds)} draws of "
+             f"random.Random({CONTINUAL_RNG_SEED}).sample(range({SEED_POOL.start}, {SEED_POOL.stop:_}), n)) alone on "
+             "the base model, through the processor; none screened or replaced.",
+             f"Settings over the defaults: {', '.join(sets) or 'none'}.", "",
+             "| strategy | recorded | forgotten (done) | failed | not produced | mean SSIM | min SSIM | below 0.6 "
+             "| wall min |", "|" + "---|" * 9]
+    for s, m in summaries.items():
+        lines.append(f"| {s} | {m['recorded']}/{m['planned']} | {m['done']} | {m['failed'] + m['returned']} "
+                     f"| {m['not_produced']} | {_f(m['mean_ssim'])} | {_f(m['min_ssim'])} | {m['below_bound']}/{m['n_ssim']} "
+                     f"| {_f(m['wall_seconds'] / 60, 1)} |")
+    lines += ["", "SSIM: each request's own integrity SSIM against the base, a refused request's included (what "
+              "its hotfix would have left).", ""]
+    lines += ["| # | seed | " + " | ".join(runs) + " |", "|" + "---|" * (len(runs) + 2)]
+    for i, seed in enumerate(seeds, 1):
+        cells = []
+        for rows in runs.values():
+            r = next((r for r in rows if r["seed"] == seed), None)
+            if r is None:
+                cells.append("not run")
+                continue
+            req = r.get("request") or {}
+            cells.append(f"{'✓' if r['result'] == 'done' else '✗ ' + r['result']} SSCD {_f(req.get('sscd_base'))} -> "
+                         f"{_f(req.get('sscd_new'))}, SSIM {_f(req.get('integrity_ssim'))}"
+                         + (f", FID {_f((r.get('model') or {}).get('fid'), 1)}" if r["result"] == "done" else "")
+                         + ("" if r["result"] == "done" else f" ({(r.get('reason') or '')[:120].replace('|', '/')})"))
+        lines.append(f"| {i} | {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 # ---- the table -------------------------------------------------------------------------------------

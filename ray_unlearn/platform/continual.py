@@ -16,6 +16,10 @@ SSIM / LPIPS / FID against the base, the re-verification of every done request o
 threshold), and the wall time. Rows go to OUT/<strategy>/rows.json after every request, so a
 stopped run resumes where it stopped; then continual.json, continual.md, integrity.png and
 heatmap.png.
+
+`single=True` (`--single`): each request alone on the base model instead, a fresh store and
+registry per seed (OUT/<strategy>/single-<seed>/): issue 12's single-request targets (mean integrity
+SSIM, none below the bound, every target forgotten), written to single.json and single.md.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ray_unlearn.bench.continual import (
-    STRATEGIES, check_strategies, continual_seeds, heatmaps, integrity_plot, load_rows, render_markdown, save_rows,
-    summarize,
+    STRATEGIES, ContinualError, check_strategies, continual_seeds, heatmaps, integrity_plot, load_rows,
+    render_markdown, save_rows, summarize,
 )
 from ray_unlearn.config import ConfigError, load_config
 from ray_unlearn.table import TINY_SETS as _TABLE_TINY
@@ -54,8 +58,10 @@ class ContinualOptions:
     out: Path = Path("runs/bench-continual")
     progress: bool = True
     budget_s: float | None = None  # start no new request after this long; rerun the same command to finish
-    lease_seconds: float = 120.0  # short: a stopped run's claimed request is free again soon after a restart
+    # a stopped run's claimed request is free again this long after it stopped; renewed every third of it
+    lease_seconds: float = 300.0
     tiny: bool = False  # a tiny UNet and tiny settings (`tiny_sets`) under opts.sets: seconds on CPU
+    single: bool = False  # each request alone on the base model (a fresh store per seed): issue 12's single requests
 
 
 def tiny_sets(out: Path) -> tuple[str, ...]:
@@ -92,20 +98,32 @@ def strategy_overrides(strategy: str, sets: tuple[str, ...] = ()) -> list[str]:
         raise ConfigError(f"strategy {strategy!r}: the config refuses it: {err}") from None
 
 
-def _paths(out: Path, strategy: str) -> dict:
+def _paths(out: Path, strategy: str, single_seed: int | None = None) -> dict:
+    """Where a strategy's run lives: OUT/<strategy>/ (its store, registry and rows.json); with
+    --single, one store and registry per seed under OUT/<strategy>/single-<seed>/ and single.json."""
     root = out / strategy
-    return {"root": root, "store": root / "store", "tracking": f"sqlite:///{(root / 'mlflow.db').resolve()}",
-            "rows": root / "rows.json"}
+    where = root if single_seed is None else root / f"single-{single_seed}"
+    return {"root": where, "store": where / "store", "tracking": f"sqlite:///{(where / 'mlflow.db').resolve()}",
+            "rows": root / ("rows.json" if single_seed is None else "single.json")}
 
 
 def _pictures(sets: tuple[str, ...], seeds: list[int], folder: Path) -> dict[int, Path]:
     """The base model's output for each seed as a PNG (what a requester sends), rendered once."""
     from ray_unlearn.engine import render_seeds
 
+    import json
+
+    cfg = load_config(None, list(sets))
+    made_by = {"model": cfg.model.path, "revision": cfg.model.revision, "sampler": cfg.sampler.model_dump(mode="json")}
+    stamp = folder / "rendered_by.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) != made_by:
+        raise ContinualError(f"the request pictures in {folder} were rendered by {json.loads(stamp.read_text())}, not "
+                         f"{made_by}: give a new --out (or the same settings) so that no request is another model's")
     paths = {s: folder / f"seed-{s}.png" for s in seeds}
     missing = [s for s in seeds if not paths[s].is_file()]
     if missing:
-        cfg = load_config(None, list(sets))
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(json.dumps(made_by, indent=2) + "\n")
         render_seeds(cfg, cfg.model.path, missing, folder)
     return paths
 
@@ -193,18 +211,18 @@ def run_continual(opts: ContinualOptions) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     sets = (*(tiny_sets(out) if opts.tiny else ()), *opts.sets)
     overrides = {s: strategy_overrides(s, sets) for s in strategies}  # all checked before any request
-    paths = {s: _paths(out, s) for s in strategies}
+    paths = {s: _paths(out, s, -1 if opts.single else None) for s in strategies}  # (the rows file)
     runs = {}
     for s in strategies:
         saved = load_rows(paths[s]["rows"], list(sets))
         recorded = [r["seed"] for r in saved]
         if recorded != seeds[: len(recorded)]:
-            raise ValueError(f"{paths[s]['rows']} holds seeds {recorded}, not the first draws {seeds[:len(recorded)]}: "
+            raise ContinualError(f"{paths[s]['rows']} holds seeds {recorded}, not the first draws {seeds[:len(recorded)]}: "
                              "it was written by another benchmark; use a new --out")
         runs[s] = saved
     pictures = _pictures(sets, seeds, out / "requests")
     todo = [(i, seed, s) for i, seed in enumerate(seeds, 1) for s in strategies]
-    bar = tqdm(todo, desc="continual (request x strategy)", disable=not opts.progress)
+    bar = tqdm(todo, desc=f"{'single' if opts.single else 'continual'} (request x strategy)", disable=not opts.progress)
     started, stopped = time.monotonic(), False
     for i, seed, s in bar:
         if any(r["seed"] == seed for r in runs[s]):
@@ -213,13 +231,28 @@ def run_continual(opts: ContinualOptions) -> dict:
             stopped = True  # out of time: the rest stays "not run" (rerun the same command to go on)
             continue
         bar.set_postfix_str(f"{s} #{i} seed {seed}")
-        row = run_request(s, i, seed, pictures[seed], overrides[s], paths[s], opts.lease_seconds)
+        where = _paths(out, s, seed) if opts.single else paths[s]
+        row = run_request(s, i, seed, pictures[seed], overrides[s], where, opts.lease_seconds)
         runs[s].append(row)
         save_rows(paths[s]["rows"], s, runs[s], list(sets))
         log.info("%s #%d seed %d: %s; serving v%s SSIM %s, %d/%d done still forgotten (%ss)", s, i, seed,
                  row["result"], row["version"], (row["model"] or {}).get("ssim"), row["n_forgotten"], row["n_done"],
                  row["wall_seconds"])
+    if opts.single:
+        return write_single(out, seeds, runs, list(sets))
     return write_outputs(out, seeds, runs, list(sets))
+
+
+def write_single(out: Path, seeds: list[int], runs: dict[str, list[dict]], sets: list[str]) -> dict:
+    import json
+
+    from ray_unlearn.bench.continual import CONTINUAL_RNG_SEED, render_single, summarize_single
+
+    summaries = {s: summarize_single(rows, len(seeds)) for s, rows in runs.items()}
+    res = {"seeds": seeds, "rng_seed": CONTINUAL_RNG_SEED, "sets": sets, "summary": summaries, "runs": runs}
+    (out / "single.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "single.md").write_text(render_single(seeds, runs, summaries, sets))
+    return res
 
 
 def write_outputs(out: Path, seeds: list[int], runs: dict[str, list[dict]], sets: list[str]) -> dict:
