@@ -284,6 +284,7 @@ def test_a_request_that_brings_an_earlier_one_back_is_not_shipped(strategy, tmp_
     assert not [k for k in open_store(store).list("deltas/") if second in k]  # merge: no delta of it stored
 
 
+@pytest.mark.slow
 def test_merge_refuses_a_lineage_without_deltas(tmp_path):
     """Switching to merge on a lineage built by another strategy stops the batch with what to do."""
     from ray_unlearn.requests import Queue
@@ -296,3 +297,92 @@ def test_merge_refuses_a_lineage_without_deltas(tmp_path):
     out = _run(store, tmp_path, _overrides(tmp_path, "merge"))
     assert out.status == "aborted" and "has no stored delta" in out.message and "anchored or joint" in out.message
     assert Queue(open_store(store)).get(second).state == "pending"
+
+
+class _Ctx:
+    """The parts of a BatchContext that a strategy's start reads."""
+
+    def __init__(self, store=None, images=None):
+        from types import SimpleNamespace
+
+        from ray_unlearn.requests.models import RequestError
+
+        def read_image(rid):
+            if rid not in (images or {}):
+                raise RequestError(f"{rid}: its image was purged; only the record and evidence remain")
+            return images[rid]
+
+        self.lineage = SimpleNamespace(chain=lambda: [])
+        self.queue = SimpleNamespace(read_image=read_image)
+        self.store = store
+
+
+def _bare_batch(strategy, evidence, ctx, tmp_path, **cfg_over):
+    from ray_unlearn.requests.batch import Batch
+
+    b = Batch.__new__(Batch)
+    b.strategy, b.earlier_evidence, b.ctx, b.tmp = strategy, evidence, ctx, tmp_path
+    b.earlier_specs, b.lineage_deltas, b.deltas = [], [], {}
+    b.cfg = load_config(None, [f"continual.strategy={strategy}", *cfg_over.get("overrides", [])])
+    return b
+
+
+def test_joint_stops_on_a_seedless_earlier_request_whose_picture_is_gone(tmp_path):
+    from ray_unlearn.requests.models import BatchAborted
+
+    b = _bare_batch("joint", {"req-a": {"seed": 5}, "req-b": {"seed": None}}, _Ctx(images={"req-c": b"png"}), tmp_path)
+    with pytest.raises(BatchAborted, match="req-b has no seed and its picture was purged.*anchored or merge.*--retention keep"):
+        b._start_joint()
+    b = _bare_batch("joint", {"req-a": {"seed": 5}, "req-c": {"seed": None}}, _Ctx(images={"req-c": b"png"}), tmp_path)
+    b._start_joint()  # a kept picture is enough: the seeded one from its seed, the other from its picture
+    assert [s.seed for s in b.earlier_specs] == [5, None] and (tmp_path / "earlier-req-c.png").read_bytes() == b"png"
+
+
+def test_merge_refuses_a_tampered_delta(tmp_path):
+    from ray_unlearn.requests.models import BatchAborted
+    from ray_unlearn.storage import open_store
+
+    store = open_store(str(tmp_path / "store"))
+    data = continual.save_delta({"w": torch.ones(2)})
+    store.put_bytes("deltas/req-a/b1.safetensors", data)
+    import hashlib
+
+    ev = {"req-a": {"delta": {"key": "deltas/req-a/b1.safetensors", "sha256": hashlib.sha256(b"other").hexdigest()}}}
+    with pytest.raises(BatchAborted, match="does not match its checksum"):
+        _bare_batch("merge", ev, _Ctx(store=store), tmp_path)._start_merge()
+    ev["req-a"]["delta"]["key"] = "deltas/req-a/missing.safetensors"
+    with pytest.raises(BatchAborted, match="cannot be read"):
+        _bare_batch("merge", ev, _Ctx(store=store), tmp_path)._start_merge()
+
+
+def test_merge_checks_the_serving_model_is_base_plus_the_lineage_deltas(tmp_path):
+    import hashlib
+
+    from ray_unlearn.requests.models import BatchAborted
+    from ray_unlearn.storage import open_store
+
+    store = open_store(str(tmp_path / "store"))
+    base = family(0)
+    base_w = {n: p.detach().clone() for n, p in base.model.named_parameters()}
+    name = next(iter(base_w))
+    delta = {name: torch.full_like(base_w[name], 0.01)}
+    data = continual.save_delta(delta)
+    store.put_bytes("deltas/req-a/b1.safetensors", data)
+
+    def batch(serving_delta, method="sum"):
+        ev = {"req-a": {"delta": {"key": "deltas/req-a/b1.safetensors", "sha256": hashlib.sha256(data).hexdigest()},
+                        "settings": {"continual": {"merge_method": "sum", "ties_density": 0.2}}}}
+        b = _bare_batch("merge", ev, _Ctx(store=store), tmp_path, overrides=[f"continual.merge_method={method}"])
+        b.family, b.base_weights = family(0), base_w
+        continual.apply_delta(b.family.model, base_w, serving_delta)  # what serves
+        return b
+
+    b = batch(delta)
+    b._start_merge()  # base + d = serving: builds on it
+    assert torch.allclose(dict(b.family.model.named_parameters())[name], base_w[name] + 0.01, rtol=0, atol=1e-7)
+    with pytest.raises(BatchAborted, match="not the base \\+ the merge"):
+        batch({name: delta[name] * 3})._start_merge()  # something else serves
+    b = batch(delta, method="ties")  # another merge method: re-merged (TIES keeps 20% of d), the gates decide
+    b._start_merge()
+    got = dict(b.family.model.named_parameters())[name].detach() - base_w[name]
+    assert int((got.abs() > 1e-4).sum()) == int(0.2 * got.numel())

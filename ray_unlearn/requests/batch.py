@@ -270,7 +270,14 @@ class Batch:
         serving = self._snapshot()
         self._apply_merge([])
         drift = max(float((p.detach() - serving[n]).abs().max()) for n, p in self.family.model.named_parameters())
-        if drift > 1e-4:
+        c = self.cfg.continual
+        used = {(e.get("settings", {}).get("continual", {}).get("merge_method"),
+                 e.get("settings", {}).get("continual", {}).get("ties_density")) for e in self.earlier_evidence.values()}
+        if drift > 1e-4 and used != {(c.merge_method, c.ties_density)}:  # the gates re-verify every earlier request
+            logger.warning("merge: the lineage was merged with %s, this batch merges its %d delta(s) with %s "
+                           "(density %s): the weights move by up to %.2e before any training", sorted(used, key=str),
+                           len(self.lineage_deltas), c.merge_method, c.ties_density, drift)
+        elif drift > 1e-4:
             raise BatchAborted(f"the serving model is not the base + the merge of its lineage's {len(self.lineage_deltas)} "
                                f"delta(s) (max |difference| {drift:.2e}): restore the alias or use another strategy")
         self.start = self._snapshot()
