@@ -138,12 +138,17 @@ def test_sd3_request_with_its_prompt_through_the_cli(tmp_path):
     res = cli("requests", "process", "--store", store, "--config", tmp_path / "batch.yaml", "--tracking-uri",
               f"sqlite:///{tmp_path}/mlflow.db", "--model", "sd3-req", "--limit", "2", "--json")
     assert res.returncode in (0, 1, 3), res.stderr[-3000:]  # OK, a request failed, or a gate returned one
+    outcome = json.loads(res.stdout.strip().splitlines()[-1])  # the processor's summary is its last line
+    rows = {r["id"]: r for r in outcome["requests"]}
     q = Queue(open_store(store))
     rec, refused = q.get(rid), q.get(bare_id)
-    assert refused.state == "failed" and "needs the prompt" in refused.reason
+    assert refused.state == "failed" and "needs the prompt" in refused.reason and rows[bare_id]["result"] == "failed"
     assert rec.prompt == PROMPT and rec.state in ("done", "failed", "pending"), (rec.state, rec.reason)
     if rec.state == "done":
         assert rec.evidence["prompt"] == PROMPT and "sscd_new" in rec.evidence
-    else:  # failed with its figures, or returned by a gate with them in its last attempt
-        figures = rec.evidence if rec.state == "failed" else rec.evidence["last_attempt"]
-        assert figures["prompt"] == PROMPT and "sscd_new" in figures, rec.evidence
+    else:  # failed, or returned by a gate: the batch's row for it holds the figures and the prompt
+        assert rows[rid]["prompt"] == PROMPT and "sscd_new" in rows[rid], rows[rid]
+        if rec.state == "failed":
+            assert "SSCD" in rec.reason
+        else:
+            assert rec.evidence["last_attempt"]["prompt"] == PROMPT
