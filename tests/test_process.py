@@ -776,6 +776,8 @@ def test_demo_batch_handles_every_drawn_request_and_an_integrity_failure_moves_n
             assert res["result"] in ("returned", "failed", "not_produced") and res["reason"], res
             assert rec.state in ("pending", "failed", "not_produced") and rec.state != "done"
             assert "SSCD" in res["reason"] or "gate" in res["reason"] or "not specific" in res["reason"], res
+            if rec.state == "failed":  # the figures that made it fail are on the record, not only in the text
+                assert {"sscd_base", "sscd_new", "integrity_ssim"} <= set(rec.evidence["last_attempt"]), rec.evidence
             print(f"{rid} seed {rec.seed}: {res['result']}: {res['reason']}")
     v = registry(uri, "ray-unlearn-hotfix").serving()
     if done:  # an alias moves only to a version holding exactly the requests that passed every gate

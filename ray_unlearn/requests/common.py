@@ -108,7 +108,8 @@ class Transitions:
     def fail(self, rid: str, reason: str, **extra) -> None:
         self.keeper.drop(rid)
         try:
-            self.ctx.queue.fail(rid, self.ctx.holder, reason[:1900])
+            figures = {"last_attempt": {"holder": self.ctx.holder, "at": now_iso(), "reason": reason[:1500], **extra}}
+            self.ctx.queue.fail(rid, self.ctx.holder, reason[:1900], evidence=figures if extra else None)
         except LeaseLost as err:
             logger.warning("%s: %s", rid, err)
             return
