@@ -77,7 +77,7 @@ def test_table_lists_every_drawn_seed_failures_with_their_figures_and_runs_not_m
     rows = _rows()
     md = render_markdown([11, 22, 33, 44], {"sequential": rows}, {"sequential": summarize(rows, 4)}, ["train.steps=2"])
     assert "| 2 | 22 | failed: integrity gate: unlearning it would leave SSIM 0.510" in md
-    assert "0.970 -> 0.300" in md  # the failed request's own figures
+    assert "0.970 -> 0.300, SSIM 0.510" in md  # the failed request's own figures
     assert "| 4 | 44 | not run |" in md and "| sequential | 3/4 | 2 | 1 | 0 | 0.700 | 70.0 | 1.75 | no (1/2) |" in md
     assert f"random.Random({CONTINUAL_RNG_SEED})" in md and "train.steps=2" in md
 

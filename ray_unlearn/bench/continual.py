@@ -205,11 +205,12 @@ def render_markdown(seeds: list[int], runs: dict[str, list[dict]], summaries: di
             f"| {'yes' if m['all_done_forgotten'] else 'no'} ({m['still_forgotten']}/{m['done']}) "
             f"| {_f(m['train_mean_first'], 1)} | {_f(m['train_mean_last'], 1)} | {_f(m['wall_seconds'] / 60, 1)} |")
     lines += ["", "SSIM and FID: the serving model after the request against the base model, on the integrity "
-              "seeds (1.000: no version yet, the base serves). The FID ratio divides the final FID by that of the "
+              "seeds (1.000: no version yet, the base serves); own SSIM: the request's hotfix before its gates, a "
+              "refused one's included. The FID ratio divides the final FID by that of the "
               "version request 1 made on its own; train s: mean training seconds over the first / last requests "
               "that trained to a version.", ""]
     for s, rows in runs.items():
-        lines += [f"## {s}", "", "| # | seed | result | request SSCD base -> new | SSIM | FID | still forgotten / done "
+        lines += [f"## {s}", "", "| # | seed | result | request: SSCD base -> new, own SSIM | SSIM | FID | still forgotten / done "
                   "| wall s | train s |", "|" + "---|" * 9]
         by_seed = {r["seed"]: r for r in rows}
         for i, seed in enumerate(seeds, 1):
@@ -218,7 +219,8 @@ def render_markdown(seeds: list[int], runs: dict[str, list[dict]], summaries: di
                 lines.append(f"| {i} | {seed} | not run | | | | | | |")
                 continue
             req = r.get("request") or {}
-            sscd = f"{_f(req.get('sscd_base'))} -> {_f(req.get('sscd_new'))}" if req.get("sscd_base") is not None else "n/a"
+            sscd = (f"{_f(req.get('sscd_base'))} -> {_f(req.get('sscd_new'))}, SSIM {_f(req.get('integrity_ssim'))}"
+                    if req.get("sscd_base") is not None else "n/a")
             lines.append(f"| {i} | {seed} | {_result_cell(r)} | {sscd} | {_f(model_ssim(r))} "
                          f"| {_f((r.get('model') or {}).get('fid'), 1)} | {r['n_forgotten']}/{r['n_done']} "
                          f"| {_f(r.get('wall_seconds'), 1)} | {_f(r.get('train_seconds'), 1)} |")
