@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None) -> dict:
         except (ContinualError, ConfigError) as err:  # bad flags or settings: checked before any request
             raise SystemExit(f"error: {err}") from None
         if not a.json:
+            from ray_unlearn.bench.continual import print_summary
+
             print((out / ("single.md" if a.single else "continual.md")).read_text())
+            print_summary(res["summary"], single=a.single)
             return res
     elif a.search:
         from ray_unlearn.platform.search_bench import run_search_benchmark

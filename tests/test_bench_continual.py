@@ -82,6 +82,15 @@ def test_table_lists_every_drawn_seed_failures_with_their_figures_and_runs_not_m
     assert f"random.Random({CONTINUAL_RNG_SEED})" in md and "train.steps=2" in md
 
 
+def test_summary_prints_as_a_rich_table(capsys):
+    from ray_unlearn.bench.continual import print_summary
+
+    print_summary({"anchored": summarize(_rows(), 4)})
+    print_summary({"anchored": summarize_single(_rows(), 8)}, single=True)
+    out = capsys.readouterr().out
+    assert "anchored" in out and "no (1/2)" in out and "4.0 -> 6.0" in out and "0.670" in out
+
+
 def test_single_requests_count_a_refused_hotfixs_integrity_too():
     rows = _rows()  # here: three seeds, each alone on the base (the failed one's SSIM is its refused hotfix's)
     m = summarize_single(rows, 8)

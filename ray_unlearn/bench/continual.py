@@ -228,6 +228,32 @@ def render_markdown(seeds: list[int], runs: dict[str, list[dict]], summaries: di
     return "\n".join(lines)
 
 
+def print_summary(summaries: dict[str, dict], single: bool = False) -> None:
+    """The summary per strategy as a rich table (printed after continual.md / single.md)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if single:
+        t = Table(title="Single requests, each alone on the base model")
+        cols = ["strategy", "recorded", "forgotten", "mean SSIM", "min SSIM", "below 0.6", "targets met"]
+        cells = [[s, f"{m['recorded']}/{m['planned']}", str(m["done"]), _f(m["mean_ssim"]), _f(m["min_ssim"]),
+                  f"{m['below_bound']}/{m['n_ssim']}", f"{sum(m['targets'].values())}/{len(m['targets'])}"]
+                 for s, m in summaries.items()]
+    else:
+        t = Table(title="Continual benchmark: the final model of each strategy")
+        cols = ["strategy", "recorded", "done", "final SSIM", "FID ratio", "done still forgotten", "train s first -> last",
+                "targets met"]
+        cells = [[s, f"{m['recorded']}/{m['planned']}", str(m["done"]), _f(m["final_ssim"]), _f(m["fid_ratio"], 2),
+                  f"{'yes' if m['all_done_forgotten'] else 'no'} ({m['still_forgotten']}/{m['done']})",
+                  f"{_f(m['train_mean_first'], 1)} -> {_f(m['train_mean_last'], 1)}",
+                  f"{sum(m['targets'].values())}/{len(m['targets'])}"] for s, m in summaries.items()]
+    for c in cols:
+        t.add_column(c)
+    for row in cells:
+        t.add_row(*row)
+    Console(width=160).print(t)
+
+
 # ---- pictures --------------------------------------------------------------------------------------
 
 def integrity_plot(path: Path, runs: dict[str, list[dict]], min_ssim: float | None = None) -> Path:
