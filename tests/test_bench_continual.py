@@ -71,6 +71,10 @@ def test_summary_counts_every_request_and_judges_the_final_model():
     assert summarize(_rows()[:1], 1)["targets"]["all_forgotten_on_final"] is True
     assert summarize(_rows()[:2], 2)["final_ssim"] == pytest.approx(0.8)  # a failed request leaves the model
     assert summarize([], 3)["final_ssim"] is None
+    refused_first = [{**_rows()[1], "i": 1, "version": None, "model": None, "reverified": []},
+                     *[{**r, "version": r["version"] - 1} for r in _rows()[2:]]]
+    m = summarize(refused_first, 2)  # the first version, made on the base after a refusal, is the single request
+    assert m["fid_first"] == 70.0 and m["fid_ratio"] == pytest.approx(1.0) and m["done"] == 1
 
 
 def test_table_lists_every_drawn_seed_failures_with_their_figures_and_runs_not_made():

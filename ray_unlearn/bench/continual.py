@@ -94,13 +94,14 @@ def summarize(rows: list[dict], n_planned: int) -> dict:
     last = rows[-1] if rows else None
     final_ver = [v for v in (last or {}).get("reverified", [])]
     done = [row for row in rows if row["result"] == "done"]
-    first = rows[0] if rows else None
-    fid_first = (first.get("model") or {}).get("fid") if first and first["result"] == "done" else None
+    # the first version made is always a single request on the base (a refused request leaves the base serving)
+    first = next((row for row in rows if row.get("new_version")), None)
+    fid_first = (first.get("model") or {}).get("fid") if first else None
     fid_final = (last.get("model") or {}).get("fid") if last and last.get("version") is not None else None
     ratio = fid_final / fid_first if fid_final is not None and fid_first else None
     all_forgotten = bool(done) and len(final_ver) == len(done) and all(v["forgotten"] is True for v in final_ver)
-    train = [row.get("train_seconds") for row in rows]
-    k = min(5, len(rows) // 2) if len(rows) >= 2 else 0
+    train = [row["train_seconds"] for row in rows if row.get("train_seconds") is not None]  # requests that made a version
+    k = min(5, len(train) // 2)
     first_k, last_k = (_mean(train[:k]), _mean(train[-k:])) if k else (None, None)
     final_ssim = model_ssim(last) if last else None
     return {
@@ -195,7 +196,7 @@ def render_markdown(seeds: list[int], runs: dict[str, list[dict]], summaries: di
              "none screened or replaced).",
              f"Settings over the defaults: {', '.join(sets) or 'none'}.", "",
              "## Summary", "",
-             "| strategy | recorded | done | failed | not produced | final SSIM | final FID | FID ratio vs request 1 "
+             "| strategy | recorded | done | failed | not produced | final SSIM | final FID | FID ratio vs the first version "
              "| done still forgotten on the final model | train s, first 5 | train s, last 5 | wall min |",
              "|" + "---|" * 12]
     for s, m in summaries.items():
@@ -206,9 +207,9 @@ def render_markdown(seeds: list[int], runs: dict[str, list[dict]], summaries: di
             f"| {_f(m['train_mean_first'], 1)} | {_f(m['train_mean_last'], 1)} | {_f(m['wall_seconds'] / 60, 1)} |")
     lines += ["", "SSIM and FID: the serving model after the request against the base model, on the integrity "
               "seeds (1.000: no version yet, the base serves); own SSIM: the request's hotfix before its gates, a "
-              "refused one's included. The FID ratio divides the final FID by that of the "
-              "version request 1 made on its own; train s: mean training seconds over the first / last requests "
-              "that trained to a version.", ""]
+              "refused one's included. The FID ratio divides the final FID by that of the first version (the first "
+              "done request, made alone on the base); train s: mean training seconds over the first / last 5 "
+              "requests that trained to a version.", ""]
     for s, rows in runs.items():
         lines += [f"## {s}", "", "| # | seed | result | request: SSCD base -> new, own SSIM | SSIM | FID | still forgotten / done "
                   "| wall s | train s |", "|" + "---|" * 9]
