@@ -1,6 +1,6 @@
 """Continual strategies: the weight arithmetic (ray_unlearn/continual.py) on hand-computed cases, the
 pull plumbed through the loop, the settings a batch refuses, and the real processor on a tiny model
-under each strategy, two requests in two batches (docs/requests.md "Continual strategies")."""
+built in code under each strategy, two requests in two batches (docs/requests.md "Continual strategies")."""
 
 from __future__ import annotations
 
@@ -150,10 +150,16 @@ def test_continual_module_is_pure_torch():
 
 # ---- the real processor, each strategy, two requests in two batches -----------------------------------
 
+def _model(tmp_path) -> str:
+    return str(tmp_path / "tiny-ddpm")  # the tiny_model_dir fixture's model (conftest.py)
+
+
 def _overrides(tmp_path, strategy: str, *extra: str) -> list[str]:
-    """The shipped demo model with tiny settings and loosened gates (fixed threshold 0.999, no integrity
-    bound, no specificity rule): the strategies' mechanics, not forgetting, are under test."""
-    return [f"continual.strategy={strategy}", f"cache_dir={tmp_path / 'cache'}", "sampler.steps=4", "remember.n=4",
+    """The tiny model (a test that uses these takes the tiny_model_dir fixture) with tiny settings and
+    loosened gates (fixed threshold 0.999, no integrity bound, no specificity rule): the strategies'
+    mechanics, not forgetting, are under test; the demo model's figures are the benchmark's."""
+    return [f"continual.strategy={strategy}", f"model.path={_model(tmp_path)}", f"cache_dir={tmp_path / 'cache'}",
+            "sampler.steps=4", "remember.n=4",
             "surrogate.kind=flip", "train.steps=2", "train.batch_forget=1", "train.batch_remember=2", "train.device=cpu",
             "eval.n_integrity=4", "eval.threshold=fixed", "eval.fixed_threshold=0.999", "eval.min_integrity_ssim=0",
             "eval.specificity_percentile=null", "eval.max_collateral=1", "eval.fid=false", *extra]
@@ -165,7 +171,7 @@ def _submit(store, seed: int) -> str:
     from ray_unlearn.requests import Queue
     from ray_unlearn.storage import open_store
 
-    fam = load_family(load_config(), lora=False)
+    fam = load_family(load_config(None, [f"model.path={_model(store.parent)}"]), lora=False)
     path = store.parent / f"seed{seed}.png"
     save_image(fam.generate(fam.initial_noise([seed]))[0], path)
     return Queue(open_store(store)).submit(path.read_bytes(), seed=seed)[0].id
@@ -181,7 +187,8 @@ def _run(store, tmp_path, overrides):
 def _weights(path) -> dict[str, torch.Tensor]:
     from ray_unlearn.engine import load_family
 
-    return {n: p.detach().clone() for n, p in load_family(load_config(), model_path=path, lora=False).model.named_parameters()}
+    fam = load_family(load_config(None, [f"model.path={path}"]), lora=False)
+    return {n: p.detach().clone() for n, p in fam.model.named_parameters()}
 
 
 class _Trainings:
@@ -207,15 +214,16 @@ def _same(a: dict, b: dict, atol: float = 0.0) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["sequential", "anchored", "merge", "joint"])
-def test_each_strategy_two_requests_in_two_batches(strategy, tmp_path, monkeypatch):
+@pytest.mark.parametrize("strategy", ["sequential", "anchored", "merge", "merge-ties", "joint"])
+def test_each_strategy_two_requests_in_two_batches(strategy, tiny_model_dir, tmp_path, monkeypatch):
     from ray_unlearn.platform.tracking import Registry
     from ray_unlearn.requests import Queue
     from ray_unlearn.storage import open_store
 
     store = tmp_path / "store"
     trainings = _Trainings(monkeypatch)
-    extra = ["continual.pull=0.5"] if strategy == "anchored" else []
+    extra = {"anchored": ["continual.pull=0.5"], "merge-ties": ["continual.merge_method=ties"]}.get(strategy, [])
+    strategy, method = strategy.split("-")[0], (strategy.split("-") + ["sum"])[1]
     first = _submit(store, 311)
     out1 = _run(store, tmp_path, _overrides(tmp_path, strategy, *extra))
     assert out1.status == "promoted" and out1.version == 1, out1.message
@@ -227,7 +235,7 @@ def test_each_strategy_two_requests_in_two_batches(strategy, tmp_path, monkeypat
         e = q.get(rid).evidence
         assert q.get(rid).state == "done" and e["strategy"] == strategy and e["settings"]["continual"]["strategy"] == strategy
     assert {r["id"]: r["forgotten"] for r in out2.reverified} == {first: True, second: True}  # both re-verified
-    base = _weights(load_config().model.path)
+    base = _weights(_model(tmp_path))
     v1, v2 = _weights(reg.get(1).source), _weights(reg.get(2).source)
     t1, t2 = trainings.calls[0], trainings.calls[-1]
     if strategy in ("sequential", "anchored"):  # on top of the serving weights
@@ -244,8 +252,14 @@ def test_each_strategy_two_requests_in_two_batches(strategy, tmp_path, monkeypat
         assert [k.split("/")[1] for k in keys] == sorted([first, second]) and len(keys) == 2
         d = {rid: continual.load_delta(open_store(store).get_bytes(q.get(rid).evidence["delta"]["key"]))
              for rid in (first, second)}
-        assert _same(v1, {n: base[n] + d[first].get(n, 0) for n in base}, atol=1e-6)
-        assert _same(v2, {n: base[n] + d[first].get(n, 0) + d[second].get(n, 0) for n in base}, atol=1e-6)
+        if method == "sum":
+            assert _same(v1, {n: base[n] + d[first].get(n, 0) for n in base}, atol=1e-6)
+            assert _same(v2, {n: base[n] + d[first].get(n, 0) + d[second].get(n, 0) for n in base}, atol=1e-6)
+        else:  # TIES (checked by hand above) of the stored, untrimmed deltas
+            m1, m2 = (continual.merge_deltas(ds, "ties", 0.2) for ds in ([d[first]], [d[first], d[second]]))
+            assert _same(v1, {n: base[n] + m1.get(n, 0) for n in base}, atol=1e-6)
+            assert _same(v2, {n: base[n] + m2.get(n, 0) for n in base}, atol=1e-6)
+            assert not _same(v2, {n: base[n] + d[first].get(n, 0) + d[second].get(n, 0) for n in base}, atol=1e-6)
     else:  # joint: the second batch starts from the base and trains on both requests
         assert _same(t2["weights"], base) and t2["seeds"] == [311, 529] and t2["steps"] == 2 * 2
         assert t1["seeds"] == [311] and t1["steps"] == 2
@@ -254,7 +268,7 @@ def test_each_strategy_two_requests_in_two_batches(strategy, tmp_path, monkeypat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["sequential", "anchored", "merge", "joint"])
-def test_a_request_that_brings_an_earlier_one_back_is_not_shipped(strategy, tmp_path, monkeypatch):
+def test_a_request_that_brings_an_earlier_one_back_is_not_shipped(strategy, tiny_model_dir, tmp_path, monkeypatch):
     """The re-verification after training runs under every strategy (joint and merge hold the earlier
     request in the training set / the delta sum, and still check it); a regression returns the new
     request to pending and nothing ships with it."""
@@ -285,7 +299,7 @@ def test_a_request_that_brings_an_earlier_one_back_is_not_shipped(strategy, tmp_
 
 
 @pytest.mark.slow
-def test_merge_refuses_a_lineage_without_deltas(tmp_path):
+def test_merge_refuses_a_lineage_without_deltas(tiny_model_dir, tmp_path):
     """Switching to merge on a lineage built by another strategy stops the batch with what to do."""
     from ray_unlearn.requests import Queue
     from ray_unlearn.storage import open_store
@@ -386,3 +400,34 @@ def test_merge_checks_the_serving_model_is_base_plus_the_lineage_deltas(tmp_path
     b._start_merge()
     got = dict(b.family.model.named_parameters())[name].detach() - base_w[name]
     assert int((got.abs() > 1e-4).sum()) == int(0.2 * got.numel())
+
+
+@pytest.mark.slow
+def test_joint_drops_the_newest_request_on_a_shared_gate_and_trains_again_without_it(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    """An integrity failure belongs to the whole joint training: the newest new request goes back to
+    pending and the others are trained again without it, so the version holds exactly what is recorded."""
+    from ray_unlearn.platform.tracking import Registry
+    from ray_unlearn.requests import Queue
+    from ray_unlearn.requests.batch import Batch
+    from ray_unlearn.storage import open_store
+
+    store = tmp_path / "store"
+    ids = [_submit(store, 311), _submit(store, 529)]
+    trainings, real = _Trainings(monkeypatch), Batch._verdict
+
+    def integrity_fails_with_both(self, rec, m, sscd_base):
+        kind, reason, attempt = real(self, rec, m, sscd_base)
+        if len(trainings.calls[-1]["seeds"]) == 2 and kind is None:
+            return "return", "integrity gate: (simulated) SSIM below the bound", attempt
+        return kind, reason, attempt
+
+    monkeypatch.setattr(Batch, "_verdict", integrity_fails_with_both)
+    out = _run(store, tmp_path, _overrides(tmp_path, "joint"))
+    results = {r["id"]: r for r in out.requests}
+    newest = max(ids, key=lambda rid: Queue(open_store(store)).get(rid).created_at)
+    kept = next(rid for rid in ids if rid != newest)
+    assert results[newest]["result"] == "returned" and "dropped, the other 1 trained again" in results[newest]["reason"]
+    assert results[kept]["result"] == "done" and out.version == 1
+    assert [c["seeds"] for c in trainings.calls] == [[311, 529], [Queue(open_store(store)).get(kept).seed]]
+    assert Registry(f"sqlite:///{tmp_path}/mlflow.db", "continual").get(1).tags["requests"] == kept
