@@ -297,7 +297,7 @@ class Batch:
         self._built_by_batches()
         for rid, e in self.earlier_evidence.items():
             if e.get("seed") is not None:
-                self.earlier_specs.append(TargetSpec(seed=int(e["seed"])))
+                self.earlier_specs.append(TargetSpec(seed=int(e["seed"]), prompt=e.get("prompt")))
                 continue
             try:
                 png = self.ctx.queue.read_image(rid)
@@ -309,7 +309,7 @@ class Batch:
                     "(--retention keep) from the first batch on") from None
             path = self.tmp / f"earlier-{rid}.png"
             path.write_bytes(png)
-            self.earlier_specs.append(TargetSpec(image=str(path)))
+            self.earlier_specs.append(TargetSpec(image=str(path), prompt=e.get("prompt")))
         logger.info("joint: %d earlier request(s) along the lineage join the training set (%d from their seed)",
                     len(self.earlier_specs), sum(s.seed is not None for s in self.earlier_specs))
 
@@ -511,7 +511,8 @@ class Batch:
         if not new:
             return
         k = len(self.earlier_specs)
-        cfg = self._request_cfg([*self.earlier_specs, *(TargetSpec(image=str(p), seed=r.seed) for r, p in new)])
+        cfg = self._request_cfg([*self.earlier_specs,
+                                 *(TargetSpec(image=str(p), seed=r.seed, prompt=r.prompt) for r, p in new)])
         self._restore(self.start)
         active = []  # (request, target index, picture emb, base output emb, sscd_base, override)
         try:
