@@ -431,3 +431,24 @@ def test_joint_drops_the_newest_request_on_a_shared_gate_and_trains_again_withou
     assert results[kept]["result"] == "done" and out.version == 1
     assert [c["seeds"] for c in trainings.calls] == [[311, 529], [Queue(open_store(store)).get(kept).seed]]
     assert Registry(f"sqlite:///{tmp_path}/mlflow.db", "continual").get(1).tags["requests"] == kept
+
+
+def test_a_lora_delta_is_the_merged_adapter_on_the_layers_it_adapts():
+    """merge with a LoRA: the delta is the adapter merged into the weights, on the adapted layers only."""
+    from ray_unlearn.config import LoraSettings
+
+    lora = DDPMFamily(ModelConfig(path="tiny", lora=LoraSettings(rank=2, target_modules=["to_q"])), SamplerConfig(steps=2),
+                      unet=tiny_unet(seed=0), scheduler=tiny_scheduler())
+    base_w = {n: p.detach().clone() for n, p in family(0).model.named_parameters()}
+    with torch.no_grad():
+        for n, p in lora.model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+    delta = continual.weight_delta(dict(lora.merged_unet().named_parameters()), base_w)
+    assert delta and all(n.endswith("to_q.weight") for n in delta), sorted(delta)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 50])
+    plain = family(3)
+    continual.apply_delta(plain.model, base_w, delta)
+    assert torch.allclose(plain.predict(x, t), lora.predict(x, t), atol=1e-5)  # base + delta behaves as the LoRA
+    anchors = continual.initial_anchors(lora.trainable_parameters())
+    assert all(torch.equal(a, p) for a, p in zip(anchors, lora.trainable_parameters()))
