@@ -175,9 +175,10 @@ def run_request(strategy: str, i: int, seed: int, picture: Path, overrides: list
     ev = rec.evidence or {}
     request = {"sscd_base": ev.get("sscd_base"), "sscd_new": ev.get("sscd_new"),
                "integrity_ssim": (ev.get("integrity_after_request") or {}).get("ssim"),
-               "threshold": (ev.get("threshold") or {}).get("value")}
+               "threshold": (ev.get("threshold") or {}).get("value"), "train_seconds": ev.get("train_seconds")}
     for src in [ev.get("last_attempt") or {}, *mine]:  # a failed / returned attempt's figures
-        for key, name in (("sscd_base", "sscd_base"), ("sscd_new", "sscd_new"), ("integrity_ssim", "integrity_ssim")):
+        for key, name in (("sscd_base", "sscd_base"), ("sscd_new", "sscd_new"), ("integrity_ssim", "integrity_ssim"),
+                          ("train_seconds", "train_seconds")):
             if src.get(key) is not None and request.get(name) is None:
                 request[name] = src[key]
     result = rec.state if rec.state in TERMINAL else "returned"

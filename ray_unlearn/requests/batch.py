@@ -442,7 +442,11 @@ class Batch:
         integrity_new = fam.generate(fam.initial_noise(self.seeds))
         # specificity: the picture's output must have moved more than the unrelated outputs did
         shift = ev.unrelated_shift(self.metrics, self.integrity_base, integrity_new, self.integrity_emb)
-        spec = ev.specificity_figures(self.cfg.eval, shift, self.threshold["value"])
+        # a prompted target's copies among the integrity seeds are the target again (evaluate.target_copies)
+        prompted = [prep.targets[i].image for _, i, _, _ in items if prep.targets[i].spec.prompt is not None]
+        copies = None if not prompted else ev.target_copies(
+            self.metrics, self.integrity_base, torch.stack(prompted), self.threshold["value"], self.integrity_emb)
+        spec = ev.specificity_figures(self.cfg.eval, shift, self.threshold["value"], copies=copies)
         rows = judge_checks(self.checks, judged, earlier, emb[len(items):], self.bound)
         ssim = float(self.metrics.ssim(self.integrity_base, integrity_new).mean())
         gate = ev.integrity_gate(self.cfg.eval, {"ssim": round(ssim, 4)}, spec)
@@ -468,7 +472,7 @@ class Batch:
         logger.info("  %s: %s, integrity SSIM %.3f (bound %s), %d earlier re-verified, %.0f s training",
                     rec.id, figures, m.ssim, min_ssim, len(m.rows), m.train_s)
         attempt = {"sscd_base": round(sscd_base, 4), "sscd_new": m.row["sscd_unlearned"],
-                   "integrity_ssim": round(m.ssim, 4), "prompt": rec.prompt}
+                   "integrity_ssim": round(m.ssim, 4), "train_seconds": round(m.train_s, 2), "prompt": rec.prompt}
         if not m.row["forgotten"]:
             return "fail", f"not forgotten with these settings: {figures}; {m.row['why']}", attempt
         if m.ssim < min_ssim:
