@@ -175,10 +175,9 @@ def run_request(strategy: str, i: int, seed: int, picture: Path, overrides: list
     ev = rec.evidence or {}
     request = {"sscd_base": ev.get("sscd_base"), "sscd_new": ev.get("sscd_new"),
                "integrity_ssim": (ev.get("integrity_after_request") or {}).get("ssim"),
-               "threshold": (ev.get("threshold") or {}).get("value"), "train_seconds": ev.get("train_seconds")}
+               "threshold": (ev.get("threshold") or {}).get("value")}
     for src in [ev.get("last_attempt") or {}, *mine]:  # a failed / returned attempt's figures
-        for key, name in (("sscd_base", "sscd_base"), ("sscd_new", "sscd_new"), ("integrity_ssim", "integrity_ssim"),
-                          ("train_seconds", "train_seconds")):
+        for key, name in (("sscd_base", "sscd_base"), ("sscd_new", "sscd_new"), ("integrity_ssim", "integrity_ssim")):
             if src.get(key) is not None and request.get(name) is None:
                 request[name] = src[key]
     result = rec.state if rec.state in TERMINAL else "returned"
@@ -189,6 +188,8 @@ def run_request(strategy: str, i: int, seed: int, picture: Path, overrides: list
         "statuses": [o.status for o in outcomes],
         "request": request,
         "train_seconds": ev.get("train_seconds") if result == "done" else None,
+        # what the attempt trained for, done or refused (a refused one's is in its last_attempt)
+        "attempt_train_seconds": ev.get("train_seconds", (ev.get("last_attempt") or {}).get("train_seconds")),
         "new_version": made is not None,
         "version": serving.version if serving is not None else None,
         "model": {k: integrity.get(k) for k in ("ssim", "lpips", "fid", "n")} if serving is not None else None,
