@@ -169,7 +169,7 @@ class TrainConfig(_Strict):
     lr: float = Field(3e-5, gt=0.0, description="Learning rate.")
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = Field(
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
         (0.9, 0.999), description="Adam/AdamW (beta1, beta2); torch's defaults. SISS's paper preset sets "
         "(0.95, 0.999) as its reference code does."
     )

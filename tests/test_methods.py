@@ -252,3 +252,7 @@ def test_siss_paper_preset_uses_the_reference_adamw_betas():
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.95, 0.999)
     default = make_optimizer([torch.nn.Parameter(torch.zeros(2))], load_config(None, ["method.name=siss"]).train)
     assert default.defaults["betas"] == (0.9, 0.999)
+    from ray_unlearn.config import ConfigError
+
+    with pytest.raises(ConfigError, match="betas"):  # refused when the config is read, not mid-run by torch
+        load_config(None, ["train.betas=[0.9, 1.5]"])
