@@ -160,3 +160,18 @@ def test_demo_fails_its_request_with_figures_when_nothing_is_promoted(tiny_model
     assert "last_attempt" in table
     assert [e["event"] for e in data["ledger"]] == ["submit", "claim", "fail"]
     process_claims_nothing(tmp_path, tiny_model_dir, s["request"])
+
+
+def test_closest_trial_is_the_most_intact_that_forgot_else_the_nearest_to_forgetting():
+    from ray_unlearn.platform.demo import _closest
+
+    def trial(name, sscd, integrity, forgotten):
+        return {"trial": name, "version": 1, "sscd": sscd, "integrity": integrity, "forgotten": forgotten,
+                "passed": False, "threshold": 0.633, "collateral": 0.2}
+
+    wrecked = trial("wrecked", 0.45, 0.50, False)  # lowest SSCD, but not specific and below the bound
+    intact = trial("intact", 0.54, 0.83, True)
+    summary = {"trials": [wrecked, intact, trial("other", 0.60, 0.70, True)], "min_integrity": 0.6}
+    assert "trial intact" in _closest(summary)
+    summary["trials"] = [wrecked, trial("far", 0.90, 0.95, False)]
+    assert "trial wrecked" in _closest(summary)

@@ -167,8 +167,13 @@ def _close(queue: Queue, holder: str, rec: RequestRecord, summary: dict, cfg, pn
 
 
 def _closest(summary: dict) -> str:
-    """The trial nearest to passing, in figures: the one closest to forgetting, then the most intact."""
-    best = min(summary["trials"], key=lambda p: (p["sscd"] if p["sscd"] is not None else 1.0, -(p["integrity"] or 0.0)))
+    """The trial nearest to passing, in figures: among those that forgot the target, the most intact;
+    when none did, the one closest to forgetting."""
+    def rank(p):
+        if p.get("forgotten"):
+            return (0, -(p["integrity"] or 0.0))
+        return (1, p["sscd"] if p["sscd"] is not None else 1.0)
+    best = min(summary["trials"], key=rank)
     th = best.get("threshold")
     sscd = "not measured" if best["sscd"] is None else f"{best['sscd']:.3f}" + ("" if th is None else f" (threshold {th:.3f})")
     parts = [f"closest, trial {best['trial']} (version {best['version']}): SSCD {sscd}",
