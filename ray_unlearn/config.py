@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ray_unlearn.methods import METHODS
 from ray_unlearn.schema import Strict as _Strict
@@ -48,6 +48,55 @@ class SD3Settings(_Strict):
     resolution: int | None = Field(None, ge=16, description="Image side in pixels (default: the transformer's sample_size x VAE factor).")
     full_finetune: bool = Field(False, description="Train the whole transformer instead of a LoRA (LoRA is the default).")
     save_fused: bool = Field(False, description="Also save a full pipeline with the LoRA fused in (hotfix/fused).")
+    extra_prompts: list[str] = Field(
+        default_factory=list,
+        description="Other prompts to preserve (the issue's 'optional file of other prompts'): each adds "
+        "`seeds_per_extra_prompt` of its outputs to the remember set (seeds from remember.seed_offset) and as many "
+        "to the integrity set (seeds from eval.integrity_seed_offset); the report gives each prompt's integrity "
+        "apart (integrity.prompts). The run's own prompt, if listed, is skipped.",
+    )
+    extra_prompts_file: str | None = Field(
+        None, description="A UTF-8 text file of other prompts, one per line (blank lines ignored). Read when the "
+        "config is read: its prompts join extra_prompts, which the run records, and this key is cleared.",
+    )
+    # 4: a handful per prompt, enough to see one prompt's outputs move; the run's own prompt keeps
+    # remember.n / eval.n_integrity seeds (the paper's setup, section V-B, has no other prompts).
+    seeds_per_extra_prompt: int = Field(
+        4, ge=1, description="Seeds of each extra prompt in the remember set and in the integrity set.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_extra_prompts_file(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("extra_prompts_file") in (None, ""):
+            return data
+        path = Path(str(data["extra_prompts_file"])).expanduser()
+        if not path.is_file():
+            raise ValueError(f"extra_prompts_file: no such file {path}: give a text file with one prompt per line")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"extra_prompts_file: {path} is not UTF-8 text: give a text file with one prompt "
+                             "per line") from None
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            raise ValueError(f"extra_prompts_file: {path} is empty or holds only blank lines: write one prompt "
+                             "per line, or leave the key out")
+        listed = data.get("extra_prompts") or []
+        if not isinstance(listed, list):
+            return data  # the field's own validation words the error
+        return {**data, "extra_prompts": [*listed, *prompts], "extra_prompts_file": None}
+
+    @field_validator("extra_prompts")
+    @classmethod
+    def _clean_extra_prompts(cls, prompts: list[str]) -> list[str]:
+        out: list[str] = []
+        for i, p in enumerate(prompts):
+            p = p.strip()
+            if not p:
+                raise ValueError(f"extra_prompts[{i}] is empty: give the prompt's text, or remove the entry")
+            if p not in out:  # a prompt listed twice is preserved once
+                out.append(p)
+        return out
 
 
 class ModelConfig(_Strict):

@@ -56,13 +56,16 @@ class Reference:
     cache_hits: dict
     targets: list[Target] | None = None
     target_base: torch.Tensor | None = None
+    # a conditional family's other prompts to preserve (sd3: model.sd3.extra_prompts):
+    # {prompt: {"remember": images, "integrity": base outputs}}, seeds as in `other_prompt_seeds`
+    others: dict[str, dict[str, torch.Tensor]] | None = None
 
     def to_bytes(self) -> bytes:
         targets = None if self.targets is None else [
             {"id": t.id, "image": t.image, "noise": t.noise, "spec": t.spec.model_dump(mode="json")} for t in self.targets]
         buf = io.BytesIO()
         torch.save({"remember": self.remember, "integrity_base": self.integrity_base, "cache_hits": self.cache_hits,
-                    "targets": targets, "target_base": self.target_base}, buf)
+                    "targets": targets, "target_base": self.target_base, "others": self.others}, buf)
         return buf.getvalue()
 
     @classmethod
@@ -70,7 +73,7 @@ class Reference:
         d = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         targets = None if d["targets"] is None else [
             Target(t["id"], t["image"], t["noise"], TargetSpec.model_validate(t["spec"])) for t in d["targets"]]
-        return cls(d["remember"], d["integrity_base"], d["cache_hits"], targets, d["target_base"])
+        return cls(d["remember"], d["integrity_base"], d["cache_hits"], targets, d["target_base"], d.get("others"))
 
 
 def reference_outputs(cfg: UnlearnConfig, family: DiffusionFamily | None = None, targets: bool = False,
@@ -107,6 +110,11 @@ def reference_outputs(cfg: UnlearnConfig, family: DiffusionFamily | None = None,
             offset += n
         seeded_out = out[offset:]
     ref = Reference(got["remember"], got["integrity_base"], hits)
+    if getattr(family, "other_prompts", None):  # sd3 with model.sd3.extra_prompts
+        ref.others = other_prompt_outputs(cfg, family, cache, progress)
+        hits["other_prompts_cached"] = sum(o["cached"] for o in ref.others.values())
+        for o in ref.others.values():
+            del o["cached"]
     if targets:
         base_out = {}
         for t, img in zip(seeded, seeded_out if seeded else []):
@@ -121,6 +129,31 @@ def reference_outputs(cfg: UnlearnConfig, family: DiffusionFamily | None = None,
     return ref
 
 
+def other_prompt_seeds(cfg: UnlearnConfig) -> tuple[list[int], list[int]]:
+    """(remember seeds, integrity seeds) of each other prompt: the first `model.sd3.seeds_per_extra_prompt`
+    of the run prompt's own ranges (the same initial noises, another prompt)."""
+    k, r, i = cfg.model.sd3.seeds_per_extra_prompt, cfg.remember.seed_offset, cfg.eval.integrity_seed_offset
+    return list(range(r, r + k)), list(range(i, i + k))
+
+
+def other_prompt_outputs(cfg: UnlearnConfig, family: DiffusionFamily, cache: SampleCache,
+                         progress: bool = True) -> dict[str, dict]:
+    """The base model's remember and integrity samples of each other prompt, cached per prompt
+    (`family.prompting(p)` keys the cache by p)."""
+    remember, integrity = other_prompt_seeds(cfg)
+    out = {}
+    for p in family.other_prompts:
+        with family.prompting(p):
+            images = cache.get(family, remember + integrity)
+            cached = images is not None
+            if not cached:
+                images = family.generate(family.initial_noise(remember + integrity),
+                                         progress=f"base outputs of {p!r}" if progress else None)
+                cache.put(family, remember + integrity, images)
+        out[p] = {"remember": images[: len(remember)], "integrity": images[len(remember):], "cached": cached}
+    return out
+
+
 @dataclass
 class Prepared:
     cfg: UnlearnConfig
@@ -133,11 +166,18 @@ class Prepared:
     cache_hits: dict
     teacher: torch.nn.Module | None = None  # frozen original base network (remember.target='base')
     pull: tuple[float, list[torch.Tensor]] | None = None  # (lambda, anchors): the L2 pull (continual.pull)
+    others: dict[str, dict[str, torch.Tensor]] | None = None  # other prompts' base samples (Reference.others)
 
     def data(self) -> UnlearnData:
         f = self.family
         forget = torch.stack([t.image for t in self.targets])
-        return UnlearnData(f.encode(forget).cpu(), f.encode(self.surrogates).cpu(), f.encode(self.remember).cpu())
+        if not self.others:
+            return UnlearnData(f.encode(forget).cpu(), f.encode(self.surrogates).cpu(), f.encode(self.remember).cpu())
+        # other prompts join the remember set: every sample then carries its prompt's embeddings
+        remember = torch.cat([self.remember, *(o["remember"] for o in self.others.values())])
+        prompts = [f.prompt] * len(self.remember) + [p for p, o in self.others.items() for _ in range(len(o["remember"]))]
+        return UnlearnData(f.encode(forget).cpu(), f.encode(self.surrogates).cpu(), f.encode(remember).cpu(),
+                           forget_cond=f.condition([f.prompt] * len(forget)), remember_cond=f.condition(prompts))
 
 
 def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None, surrogates: bool = True,
@@ -165,7 +205,7 @@ def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None, surrogate
     if target_base is None:
         target_base = ev.model_outputs_for_targets(base or family, targets)
     return Prepared(cfg, family, targets, edited, reference.remember, target_base, reference.integrity_base[:n],
-                    dict(reference.cache_hits), anchor_teacher(cfg, family, base))
+                    dict(reference.cache_hits), anchor_teacher(cfg, family, base), others=reference.others)
 
 
 def anchor_teacher(cfg: UnlearnConfig, family: DiffusionFamily, base: DiffusionFamily | None) -> torch.nn.Module | None:
@@ -212,9 +252,21 @@ def judge(prep: Prepared, metrics: Metrics | None = None, progress: bool = True,
     target_new = ev.model_outputs_for_targets(fam, prep.targets)
     if integrity_new is None:
         integrity_new = fam.generate(fam.initial_noise(ev.integrity_seeds(cfg.eval)), progress=desc)
+    base_all, new_all = prep.integrity_base, integrity_new
+    if prep.others:  # the other prompts' integrity samples join the set; each prompt is also judged apart
+        prompts = [p for p, o in prep.others.items() for _ in range(len(o["integrity"]))]
+        _, seeds = other_prompt_seeds(cfg)
+        others_new = fam.generate(fam.initial_noise([seeds[j] for p, o in prep.others.items()
+                                                     for j in range(len(o["integrity"]))]),
+                                  cond=fam.condition(prompts), progress=desc and "integrity of the other prompts")
+        base_all = torch.cat([prep.integrity_base, *(o["integrity"] for o in prep.others.values())])
+        new_all = torch.cat([integrity_new, others_new])
     result = ev.evaluate_outputs(
-        cfg.eval, metrics, prep.targets, prep.target_base, target_new, prep.integrity_base, integrity_new, prep.remember
+        cfg.eval, metrics, prep.targets, prep.target_base, target_new, base_all, new_all, prep.remember
     )
+    if prep.others:
+        groups = [(fam.prompt, len(prep.integrity_base))] + [(p, len(o["integrity"])) for p, o in prep.others.items()]
+        ev.integrity_by_prompt(cfg.eval, metrics, result, base_all, new_all, groups)
     result["metric_sources"] = metrics.sources()
     return result, target_new, integrity_new
 

@@ -327,3 +327,45 @@ def evaluate_outputs(
         "all_forgotten": forgotten,
         "passed": forgotten and integrity["ok"],
     }
+
+
+def integrity_by_prompt(cfg: EvalConfig, metrics: Metrics, result: dict, base: torch.Tensor, new: torch.Tensor,
+                        groups: list[tuple[str, int]]) -> list[dict]:
+    """Each prompt's integrity apart, for an integrity set of several prompts (sd3 with
+    model.sd3.extra_prompts; `groups`: (prompt, number of samples) in sample order, the run's own
+    prompt first): mean and minimum SSIM, LPIPS, the median SSCD(base_i, hotfix_i), and how many of
+    its outputs fell below the forget threshold (copies of a target, `specificity.copies`, counted
+    apart). A prompt whose mean SSIM is below `cfg.min_integrity_ssim` fails the integrity gate,
+    whatever the pooled mean: one wrecked prompt is not averaged away. Sets
+    result["integrity"]["prompts"] and updates the gate and result["passed"]."""
+    if sum(n for _, n in groups) != len(base) or len(base) != len(new):
+        raise ValueError(f"{len(base)} base and {len(new)} new integrity samples for groups of {sum(n for _, n in groups)}")
+    unavailable: dict[str, str] = {}
+    ssim = _maybe(lambda: metrics.ssim(base, new), unavailable, "ssim")
+    lpips = _maybe(lambda: metrics.lpips(base, new), unavailable, "lpips")
+    shift = _maybe(lambda: unrelated_shift(metrics, base, new), unavailable, "sscd")
+    threshold = (result.get("forget_threshold") or {}).get("value")
+    copies = set(((result.get("specificity") or {}).get("copies") or {}).get("indices", []))
+    rows, start = [], 0
+    for i, (prompt, n) in enumerate(groups):
+        sl = slice(start, start + n)
+        idx = [j for j in range(start, start + n) if j not in copies]
+        row = {"prompt": prompt, "own": i == 0, "n": n,
+               "ssim": None if ssim is None else round(float(ssim[sl].mean()), 4),
+               "ssim_min": None if ssim is None else round(float(ssim[sl].min()), 4),
+               "lpips": None if lpips is None else round(float(lpips[sl].mean()), 4),
+               "sscd_median": None if shift is None else round(float(shift[sl].median()), 4),
+               "copies": n - len(idx),
+               "below_threshold": None if shift is None or threshold is None else int((shift[idx] < threshold).sum())}
+        rows.append(row)
+        start += n
+    integrity = result["integrity"]
+    failing = [r for r in rows if r["ssim"] is not None and r["ssim"] < cfg.min_integrity_ssim]
+    if failing:
+        why = "; ".join(f"SSIM {r['ssim']} on {r['prompt']!r} below {cfg.min_integrity_ssim}" for r in failing)
+        integrity["why"] = "; ".join(w for w in (integrity.get("why"), why) if w)
+        integrity["ok"] = False
+    integrity["prompts"] = rows
+    integrity["unavailable"].update(unavailable)
+    result["passed"] = bool(result["all_forgotten"] and integrity["ok"])
+    return rows

@@ -13,7 +13,8 @@ v_s = (x_t - z_s) / sigma (the velocity that carries x_t to the surrogate's late
 
 Conditioning. A run has one prompt (the targets' prompt, set in `model.sd3.prompt`): targets are
 seeds (or images) of that prompt, the remember set and the integrity samples are other seeds of it
-(the paper's SD3 setup, section V-B). Embeddings come from the pipeline's own `encode_prompt`, once
+(the paper's SD3 setup, section V-B), plus a few seeds of each other prompt to preserve
+(`model.sd3.extra_prompts`, `other_prompts` here), sampled under `prompting(p)`. Embeddings come from the pipeline's own `encode_prompt`, once
 per prompt, cached; a batch's `cond` is a dict of embedding tensors indexed like its samples, and
 `generate`/`sdedit` sample with classifier-free guidance at `model.sd3.guidance_scale`.
 
@@ -114,14 +115,32 @@ class SD3Family(DiffusionFamily):
         self.size = (self.latent_shape[1] * pipe.vae_scale_factor,) * 2
         self._emb: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._edit_prompt: str | None = None
+        self._prompt_override: str | None = None
 
     # --- conditioning -----------------------------------------------------------------------
     @property
     def prompt(self) -> str:
+        if self._prompt_override is not None:
+            return self._prompt_override
         if self.settings.prompt is None:
             raise ValueError("the sd3 family needs a prompt: give each target one (--target-prompt / targets[].prompt) "
                              "or set model.sd3.prompt")
         return self.settings.prompt
+
+    @property
+    def other_prompts(self) -> list[str]:
+        """The prompts preserved besides the run's (`model.sd3.extra_prompts`, the run's own left out)."""
+        return [p for p in self.settings.extra_prompts if p != self.settings.prompt]
+
+    @contextlib.contextmanager
+    def prompting(self, prompt: str):
+        """Within: `prompt` is the run prompt: unconditioned sampling and `fingerprint` (so the sample
+        cache keys) follow it. How another prompt's remember and integrity samples are drawn."""
+        previous, self._prompt_override = self._prompt_override, prompt
+        try:
+            yield
+        finally:
+            self._prompt_override = previous
 
     @torch.no_grad()
     def embed(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,14 +353,15 @@ class SD3Family(DiffusionFamily):
         from ray_unlearn.hashing import content_hash
 
         s = self.settings
-        return content_hash(self._fingerprint, s.prompt, s.negative_prompt, s.guidance_scale, s.max_sequence_length,
+        prompt = s.prompt if self._prompt_override is None else self._prompt_override
+        return content_hash(self._fingerprint, prompt, s.negative_prompt, s.guidance_scale, s.max_sequence_length,
                             list(self.latent_shape))[:16]
 
     def describe(self) -> dict:
         return {
             "family": self.name, "path": self.cfg.path, "resolved": resolve_sd3_path(self.cfg.path),
             "fingerprint": self._fingerprint, "prompt": self.settings.prompt,
-            "guidance_scale": self.settings.guidance_scale,
+            "guidance_scale": self.settings.guidance_scale, "other_prompts": self.other_prompts,
             "params": sum(p.numel() for p in self.model.parameters()),
             "trainable": sum(p.numel() for p in self.trainable_parameters()),
             "lora": self.lora.model_dump() if self.lora else None,
