@@ -1,10 +1,15 @@
-"""Train the demo model that ray_unlearn ships: a small UNet2DModel on 100 LFW faces at 32x32.
+"""Train a demo model that ray_unlearn ships: a small UNet2DModel at 32x32.
 
-The faces are the first 100 entries of `skimage.data.lfw_subset()` (offline, inside scikit-image;
-25x25 grey, float64 in [0,1]), upsampled to 32x32. Cosine schedule, AdamW, EMA, grad clipping.
-The result is a standard diffusers DDPMPipeline directory plus a model card:
+Two datasets, both offline:
+- `--data faces` (RGB): portraits drawn by code (`ray_unlearn.faces`), a pool of `--pool` distinct
+  identities drawn from a fixed seed, far more than the model can memorise;
+- `--data lfw` (grey): the first 100 entries of `skimage.data.lfw_subset()` (25x25, upsampled).
 
-    python jobs/train_demo_model.py --steps 6000 --out ray_unlearn/assets/demo-lfw32
+Cosine schedule, AdamW, EMA, grad clipping. The result is a standard diffusers DDPMPipeline
+directory plus training.json:
+
+    python jobs/train_demo_model.py --data faces --steps 8000 --out ray_unlearn/assets/demo-faces32
+    python jobs/train_demo_model.py --data lfw --steps 3000 --out ray_unlearn/assets/demo-lfw32
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ from tqdm.auto import tqdm
 RESOLUTION = 32
 
 
-def demo_unet() -> UNet2DModel:
+def demo_unet(channels: int = 1) -> UNet2DModel:
     """~3.0M parameters; one attention level at 8x8 is enough for 32 px faces."""
     return UNet2DModel(
         sample_size=RESOLUTION,
-        in_channels=1,
-        out_channels=1,
+        in_channels=channels,
+        out_channels=channels,
         layers_per_block=1,
         block_out_channels=(32, 64, 64, 128),
         down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
@@ -50,6 +55,13 @@ def lfw_faces(n: int = 100) -> torch.Tensor:
     return F.interpolate(faces, size=RESOLUTION, mode="bilinear", align_corners=False).clamp(0, 1)
 
 
+def drawn_faces(n: int, seed: int = 0) -> torch.Tensor:
+    from ray_unlearn.faces import portraits
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([portraits(min(1000, n - i), RESOLUTION, g) for i in range(0, n, 1000)])
+
+
 @torch.no_grad()
 def sample_grid(unet: UNet2DModel, scheduler: DDPMScheduler, n: int, path: Path) -> None:
     from torchvision.utils import save_image
@@ -57,7 +69,7 @@ def sample_grid(unet: UNet2DModel, scheduler: DDPMScheduler, n: int, path: Path)
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(50)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 1, RESOLUTION, RESOLUTION, generator=g)
+    x = torch.randn(n, unet.config.in_channels, RESOLUTION, RESOLUTION, generator=g)
     for t in ddim.timesteps:  # eta=1, the demo's default sampler (see SamplerConfig.eta)
         x = ddim.step(unet(x, t).sample, t, x, eta=1.0, generator=g).prev_sample
     save_image((x + 1) / 2, path, nrow=8)
@@ -65,12 +77,14 @@ def sample_grid(unet: UNet2DModel, scheduler: DDPMScheduler, n: int, path: Path)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", choices=("faces", "lfw"), default="faces")
+    ap.add_argument("--pool", type=int, default=20000, help="distinct drawn portraits (--data faces)")
     ap.add_argument("--steps", type=int, default=4000)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--ema-decay", type=float, default=0.999)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("ray_unlearn/assets/demo-lfw32"))
+    ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--preview-every", type=int, default=1000)
     ap.add_argument("--init", type=Path, default=None, help="Continue from a saved pipeline directory.")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default).")
@@ -79,8 +93,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = lfw_faces() * 2 - 1
-    unet, scheduler = demo_unet(), demo_scheduler()
+    data = (drawn_faces(args.pool, args.seed) if args.data == "faces" else lfw_faces()) * 2 - 1
+    unet, scheduler = demo_unet(data.shape[1]), demo_scheduler()
     if args.init is not None:
         unet = UNet2DModel.from_pretrained(args.init, subfolder="unet")
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -97,7 +111,7 @@ def main() -> None:
     for step in bar:
         idx = torch.randint(0, len(data), (args.batch_size,))
         x0 = data[idx]
-        flip = torch.rand(len(x0)) < 0.5  # horizontal flips double the 100 faces
+        flip = torch.rand(len(x0)) < 0.5  # horizontal flips (double LFW's 100 faces)
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         eps = torch.randn_like(x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),))
@@ -117,7 +131,8 @@ def main() -> None:
     DDPMPipeline(unet=ema, scheduler=scheduler).save_pretrained(args.out, safe_serialization=True)
     sample_grid(ema, scheduler, 64, args.out / "samples.png")
     info = {
-        "data": "skimage.data.lfw_subset()[:100], 25x25 grey upsampled to 32x32, horizontal flips",
+        "data": (f"ray_unlearn.faces.portraits: {args.pool} drawn identities (seed {args.seed}), 32x32 RGB, horizontal flips"
+                 if args.data == "faces" else "skimage.data.lfw_subset()[:100], 25x25 grey upsampled to 32x32, horizontal flips"),
         "params": n_params,
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -127,7 +142,8 @@ def main() -> None:
         "minutes": round(minutes, 1),
         "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "command": f"python jobs/train_demo_model.py --steps {args.steps} --batch-size {args.batch_size} --out {args.out}",
+        "command": f"python jobs/train_demo_model.py --data {args.data} --steps {args.steps} --batch-size {args.batch_size} "
+        f"--lr {args.lr} --out {args.out}",
     }
     (args.out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info, indent=2))

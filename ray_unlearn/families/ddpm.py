@@ -27,7 +27,10 @@ from ray_unlearn.config import DEMO_MODEL, LoraSettings, ModelConfig, SamplerCon
 from ray_unlearn.families.base import DiffusionFamily
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-DEMO_DIR = ASSETS / "demo-lfw32"
+# The shipped unconditional demo models, by the name `model.path` takes; "demo" is the default one.
+DEMO_DIRS = {"demo-lfw": ASSETS / "demo-lfw32", "demo-faces": ASSETS / "demo-faces32"}
+DEMO_DIRS[DEMO_MODEL] = DEMO_DIRS["demo-lfw"]
+DEMO_DIR = DEMO_DIRS[DEMO_MODEL]
 # DDIM steps of the reference sampler (the paper evaluates with DDIM, 50 steps)
 REFERENCE_DDIM_STEPS = 50
 
@@ -37,14 +40,16 @@ class ModelLoadError(RuntimeError):
 
 
 def resolve_model_path(path: str) -> str:
-    """'demo' -> the shipped model; a local directory stays; anything else is a hub id."""
-    if path == DEMO_MODEL:
-        if not (DEMO_DIR / "model_index.json").is_file():
+    """'demo' (or another shipped name, DEMO_DIRS) -> the shipped model; a local directory stays;
+    anything else is a hub id."""
+    if path in DEMO_DIRS:
+        d = DEMO_DIRS[path]
+        if not (d / "model_index.json").is_file():
             raise ModelLoadError(
-                f"the demo model is missing from {DEMO_DIR}; reinstall ray_unlearn or retrain it "
-                "with `python jobs/train_demo_model.py`"
+                f"the demo model '{path}' is missing from {d}; reinstall ray_unlearn or retrain it "
+                "with `python jobs/train_demo_model.py` (its model card has the command)"
             )
-        return str(DEMO_DIR)
+        return str(d)
     return path
 
 
