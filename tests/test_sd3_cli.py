@@ -142,3 +142,35 @@ def test_demo_family_sd3_runs_the_main_job_on_the_flag_model(tmp_path):
     summary = json.loads(res.stdout.strip().splitlines()[-1])  # the summary is the last line (Ray may print before it)
     assert len(summary["trials"]) == 2 and summary["request"]
     assert (tmp_path / "demo" / "request.png").is_file() and (tmp_path / "demo" / "sd3").is_dir()
+
+
+@pytest.mark.slow  # a local Ray, two Tune trials of Ray Train on a tiny SD3: ~2-4 min on 2 shared cores
+def test_search_on_sd3_through_cli_with_other_prompts(tmp_path):
+    """`ray-unlearn search --space sd3` on a tiny SD3 (the shipped space's keys apply to the family):
+    every trial trains a LoRA, scores integrity on the prompt's proxy seeds plus the other prompt's,
+    and the front is re-checked on the full set."""
+    from ray_unlearn.families.sd3_build import tiny_sd3_pipeline
+
+    model = tmp_path / "tiny-sd3"
+    tiny_sd3_pipeline(("the", "flag", "of", "ireland", "italy"), seed=0, image_size=32, num_layers=2, heads=2,
+                      vae_blocks=2, max_length=8).save_pretrained(model)
+    cfg = small_run(model, tmp_path, model={"family": "sd3", "path": str(model), "sd3": {
+        "max_sequence_length": 4, "guidance_scale": 3.0, "extra_prompts": ["the flag of italy"],
+        "seeds_per_extra_prompt": 2}},
+        # loose, fixed gates: the search machinery is under test, not the tiny model's forgetting
+        # (the search starts from the config's lr, clipped to the space: 3e-3, its top)
+        surrogate={"kind": "noise", "sigma": 1.0}, train={"batch_forget": 2, "lr": 3e-3},
+        eval={"threshold": "fixed", "fixed_threshold": 0.9999})
+    conf = write_config(tmp_path / "sd3.yaml", cfg)
+    res = cli("search", "--config", conf, "--space", "sd3", "--trials", 2, "--max-concurrent", 1,
+              "--proxy-integrity", 2, "--storage", tmp_path / "store", "--tracking-uri",
+              f"sqlite:///{tmp_path / 'mlflow.db'}", "--out", tmp_path / "out", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])  # the summary is the last line
+    assert not summary["errors"] and len(summary["trials"]) == 2
+    for trial in summary["trials"]:
+        assert set(trial["params"]) == {"train.lr", "train.steps", "method.beta", "surrogate.strength"}
+        assert (Path(trial["hotfix"]) / LORA_FILE).is_file()  # each trial's hotfix is a LoRA
+        assert trial["scored_on"] == "proxy n=4"  # 2 proxy seeds of the prompt + 2 of the other prompt
+    assert summary["front"] and all(p["scored_on"] == "full n=6" for p in summary["front"])
+    assert (tmp_path / "out" / "pareto.json").is_file()
