@@ -154,6 +154,25 @@ def other_prompt_outputs(cfg: UnlearnConfig, family: DiffusionFamily, cache: Sam
     return out
 
 
+def with_other_prompts(prompt: str, integrity_base: torch.Tensor,
+                       others: dict[str, dict[str, torch.Tensor]]) -> tuple[torch.Tensor, list[tuple[str, int]]]:
+    """The integrity base samples with the other prompts' joined (`Reference.others`), and their
+    groups (prompt, number of samples) in sample order, the run's `prompt` first: what
+    `evaluate.integrity_by_prompt` takes (engine.judge and request batches)."""
+    base = torch.cat([integrity_base, *(o["integrity"] for o in others.values())])
+    return base, [(prompt, len(integrity_base))] + [(p, len(o["integrity"])) for p, o in others.items()]
+
+
+def other_prompts_integrity(cfg: UnlearnConfig, family: DiffusionFamily, others: dict[str, dict[str, torch.Tensor]],
+                            progress: str | None = None) -> torch.Tensor:
+    """The family's current outputs for each other prompt's integrity seeds, in `others` order, in
+    one pass: what `with_other_prompts`'s base samples are compared against."""
+    _, seeds = other_prompt_seeds(cfg)
+    prompts = [p for p, o in others.items() for _ in range(len(o["integrity"]))]
+    noise = family.initial_noise([seeds[j] for o in others.values() for j in range(len(o["integrity"]))])
+    return family.generate(noise, cond=family.condition(prompts), progress=progress)
+
+
 @dataclass
 class Prepared:
     cfg: UnlearnConfig
@@ -252,20 +271,15 @@ def judge(prep: Prepared, metrics: Metrics | None = None, progress: bool = True,
     target_new = ev.model_outputs_for_targets(fam, prep.targets)
     if integrity_new is None:
         integrity_new = fam.generate(fam.initial_noise(ev.integrity_seeds(cfg.eval)), progress=desc)
-    base_all, new_all = prep.integrity_base, integrity_new
+    base_all, new_all, groups = prep.integrity_base, integrity_new, None
     if prep.others:  # the other prompts' integrity samples join the set; each prompt is also judged apart
-        prompts = [p for p, o in prep.others.items() for _ in range(len(o["integrity"]))]
-        _, seeds = other_prompt_seeds(cfg)
-        others_new = fam.generate(fam.initial_noise([seeds[j] for p, o in prep.others.items()
-                                                     for j in range(len(o["integrity"]))]),
-                                  cond=fam.condition(prompts), progress=desc and "integrity of the other prompts")
-        base_all = torch.cat([prep.integrity_base, *(o["integrity"] for o in prep.others.values())])
-        new_all = torch.cat([integrity_new, others_new])
+        base_all, groups = with_other_prompts(fam.prompt, prep.integrity_base, prep.others)
+        new_all = torch.cat([integrity_new, other_prompts_integrity(cfg, fam, prep.others,
+                                                                    desc and "integrity of the other prompts")])
     result = ev.evaluate_outputs(
         cfg.eval, metrics, prep.targets, prep.target_base, target_new, base_all, new_all, prep.remember
     )
-    if prep.others:
-        groups = [(fam.prompt, len(prep.integrity_base))] + [(p, len(o["integrity"])) for p, o in prep.others.items()]
+    if groups:
         ev.integrity_by_prompt(cfg.eval, metrics, result, base_all, new_all, groups)
     result["metric_sources"] = metrics.sources()
     return result, target_new, integrity_new
