@@ -113,6 +113,13 @@ def _summary(report: dict) -> str:
         f"integrity on {i.get('n')} seeds: SSIM {i.get('ssim')}  LPIPS {i.get('lpips')}  FID {i.get('fid')}"
         f"  ({'ok' if i.get('ok') else 'REFUSED: ' + str(i.get('why') or 'below bound ' + str(i.get('min_ssim')))})"
     )
+    if i.get("prompts"):  # sd3 with model.sd3.extra_prompts: each prompt apart, each one gated
+        from ray_unlearn.requests.cli import prompt_table
+
+        console = _console()
+        with console.capture() as table:
+            console.print(prompt_table(i["prompts"], f"integrity by prompt (each needs SSIM >= {i.get('min_ssim')})"))
+        lines.extend(line.rstrip() for line in table.get().rstrip("\n").split("\n"))
     for why in (i.get("unavailable") or {}).values():
         lines.append(f"  {why}")
     lines.append(f"passed: {report.get('passed')}   ({report.get('wall_seconds')} s)")

@@ -152,3 +152,106 @@ def test_sd3_request_with_its_prompt_through_the_cli(tmp_path):
             assert "SSCD" in rec.reason
         else:
             assert rec.evidence["last_attempt"]["prompt"] == PROMPT
+
+
+ITALY = "the flag of italy"
+
+
+class _BatchMoves(_Moves):
+    def __init__(self):
+        super().__init__()
+        self.attempts = {}
+
+    def release_or_fail(self, rec, reason, evidence=None):
+        super().release_or_fail(rec, reason, evidence)
+        self.attempts[rec.id] = evidence
+
+    def not_produced(self, rid, reason, evidence):  # train_unproduced: gate 0 never refuses here
+        raise AssertionError(f"{rid} refused as not produced: {reason}")
+
+
+def test_a_batch_judges_each_other_prompt_and_a_wrecked_one_fails_its_gate(tmp_path, monkeypatch, capsys):
+    """model.sd3.extra_prompts in a request batch, in process on a tiny SD3 built in code: the other
+    prompt's integrity samples join the batch's integrity set (as engine.judge does), each prompt is
+    judged apart into the request's evidence (and `requests show` prints them), and a request whose
+    hotfix wrecks the other prompt goes back to pending, the pooled SSIM and collateral passing."""
+    import torch
+
+    from ray_unlearn import engine
+    from ray_unlearn.families.sd3_build import tiny_sd3_pipeline
+    from ray_unlearn.requests.batch import Batch, BatchSettings
+    from ray_unlearn.requests.common import BatchContext, Outcome
+
+    model = tmp_path / "tiny-sd3"
+    tiny_sd3_pipeline(("the", "flag", "of", "ireland", "italy"), seed=0, image_size=32, num_layers=2, heads=2,
+                      vae_blocks=2, max_length=8).save_pretrained(model)
+    # a picture the model never drew (gate 0 overridden) and no rank test: "forgotten" holds by
+    # construction, so what decides here is the integrity gate; SSIM bound 0.6 (the default), no
+    # collateral bound: only the per-prompt rule can refuse a hotfix that wrecks 2 of 6 outputs
+    cfg = load_config(base={
+        "model.family": "sd3", "model.path": str(model),
+        "model.sd3": {"max_sequence_length": 4, "guidance_scale": 3.0, "prompt": PROMPT, "extra_prompts": [ITALY],
+                      "seeds_per_extra_prompt": 2},
+        "sampler.steps": 2, "sampler.batch_size": 8, "surrogate.kind": "flip", "remember.n": 3,
+        "train": {"steps": 1, "lr": 1e-6, "batch_forget": 1, "batch_remember": 2, "device": "cpu"},
+        "eval": {"n_integrity": 4, "fid": False, "specificity_percentile": None, "max_collateral": 1.0},
+        "cache_dir": str(tmp_path / "cache")})
+    store = open_store(tmp_path / "store")
+    q = Queue(store)
+    kept = q.submit(png(11, 32), seed=3, prompt=PROMPT)[0]
+    wrecked = q.submit(png(12, 32), seed=4, prompt=PROMPT)[0]
+    claimed = {r.id: r for r in q.claim("tester", 2)}
+    ctx = BatchContext(store=store, queue=q, lineage=None, registry=None, holder="tester", tracking_uri="", limit=2,
+                       retention="keep", max_attempts=5)
+    (tmp_path / "scratch").mkdir()
+    batch = Batch(ctx, moves := _BatchMoves(), None, BatchSettings(cfg, None, tmp_path / "scratch", True),
+                  Outcome("tester"))
+    batch._load()
+    batch.checks = []
+    assert batch.groups == [(PROMPT, 4), (ITALY, 2)] and len(batch.integrity_base) == 6
+
+    batch._one(claimed[kept.id])  # nearly nothing trained: every prompt's outputs stay
+    assert not moves.failed and not moves.returned, (moves.failed, moves.returned)
+    rec, evidence = batch.passed[0]
+    after = evidence["integrity_after_request"]
+    assert after["n"] == 6
+    own, italy = after["prompts"]
+    assert (own["prompt"], own["own"], own["n"], italy["prompt"], italy["own"], italy["n"]) == \
+        (PROMPT, True, 4, ITALY, False, 2)
+    assert italy["ssim"] > 0.99 and italy["sscd_median"] > 0.99 and italy["below_threshold"] == 0
+    figures, _ = batch._final_check()  # the batch's final figures hold them too
+    assert [r["prompt"] for r in figures["prompts"]] == [PROMPT, ITALY] and figures["ok"]
+    # the text summaries (`requests process`, and `unlearn`/`evaluate` on the same figures) print a row per prompt
+    from ray_unlearn.cli import _summary as report_summary
+    from ray_unlearn.requests.cli import _summary as batch_summary
+
+    batch_summary(batch.out)
+    printed = capsys.readouterr().out
+    text = report_summary({"integrity": figures, "passed": True, "wall_seconds": 1.0})
+    for out in (printed, text):
+        assert "integrity by prompt" in out and f"{PROMPT} (run prompt)" in out, out
+        italy_line = next(line for line in out.splitlines() if ITALY in line)
+        assert str(figures["prompts"][1]["ssim"]) in italy_line and "│ 2 " in italy_line, italy_line
+
+    real = engine.other_prompts_integrity
+
+    def wreck(*args, **kwargs):  # the hotfix draws noise for the other prompt
+        out = real(*args, **kwargs)
+        return torch.rand(out.shape, generator=torch.Generator().manual_seed(0)).to(out)
+
+    monkeypatch.setattr(engine, "other_prompts_integrity", wreck)
+    batch._one(claimed[wrecked.id])
+    assert len(batch.passed) == 1 and not moves.failed
+    reason = moves.returned[wrecked.id]
+    assert f"on '{ITALY}' below 0.6" in reason and "collateral" not in reason, reason
+    attempt = moves.attempts[wrecked.id]  # the figures of the refused attempt, kept in the request's evidence
+    assert attempt["integrity_ssim"] >= 0.6  # the pooled mean alone would have let it through
+    own, italy = attempt["integrity_prompts"]
+    assert own["ssim"] > 0.99 and italy["ssim"] < 0.6 and italy["below_threshold"] == 2
+
+    # `requests show` prints each prompt's row from the evidence
+    q.complete(kept.id, "tester", evidence)
+    shown = CliRunner().invoke(requests_app, ["show", kept.id, "--store", str(tmp_path / "store")])
+    assert shown.exit_code == 0, shown.output
+    assert "integrity by prompt, after this request" in shown.output and ITALY in shown.output
+    assert "<2 prompts: table below>" in shown.output

@@ -11,6 +11,11 @@ the remember term regresses onto, and anchored's optional pull toward the base w
 trains each request alone from the base, stores its delta and evaluates base + the merge of every
 delta along the lineage; 'joint' trains once from the base over every request of the lineage plus
 the new ones, dropping a new request that fails its gates and training again without it.
+
+On SD3 with `model.sd3.extra_prompts`, the integrity set holds the other prompts' samples too
+(`engine.with_other_prompts`, one more generation pass per measurement), as `engine.judge`'s does:
+every figure is pooled, each prompt is also judged apart (`evaluate.integrity_by_prompt`, in each
+request's evidence), and one prompt below the SSIM bound fails the integrity gate.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ class _Measured:
     train_s: float
     spec: dict | None = None  # evaluate.specificity_figures of this request's integrity samples
     gate: dict | None = None  # evaluate.integrity_gate: SSIM and collateral forgetting
+    prompts: list[dict] | None = None  # evaluate.integrity_by_prompt: each prompt apart (sd3 extra_prompts)
     delta: dict | None = None  # strategy merge: this request's delta (trained weights - base)
     joint: dict | None = None  # strategy joint: what the training set held
 
@@ -133,6 +139,12 @@ class Batch:
         self.ref = engine.reference_outputs(cfg, self.base, progress=False)  # cached after the first batch
         self.seeds = ev.integrity_seeds(cfg.eval)
         self.integrity_base = self.ref.integrity_base[: len(self.seeds)]
+        # sd3 with model.sd3.extra_prompts: the other prompts' integrity samples join the set and each
+        # prompt is judged apart, as engine.judge does (groups: evaluate.integrity_by_prompt)
+        self.others, self.groups = self.ref.others, None
+        if self.others:
+            self.integrity_base, self.groups = engine.with_other_prompts(self.family.prompt, self.integrity_base,
+                                                                         self.others)
         self.metrics = engine.build_metrics(cfg, self.family.device)
         self.threshold = ev.calibrate_threshold(cfg.eval, self.metrics, self.ref.remember)
         self.reference_hf = float(ev.high_frequency_energy(self.integrity_base).max())
@@ -440,6 +452,8 @@ class Batch:
         self.sscd_source = self.metrics.sources().get("sscd", "sscd")
         hf_all = ev.high_frequency_energy(new)
         integrity_new = fam.generate(fam.initial_noise(self.seeds))
+        if self.others:  # one more pass: the other prompts' outputs, in self.integrity_base's order
+            integrity_new = torch.cat([integrity_new, engine.other_prompts_integrity(self.cfg, fam, self.others)])
         # specificity: the picture's output must have moved more than the unrelated outputs did
         shift = ev.unrelated_shift(self.metrics, self.integrity_base, integrity_new, self.integrity_emb)
         # a prompted target's copies among the integrity seeds are the target again (evaluate.target_copies)
@@ -449,7 +463,12 @@ class Batch:
         spec = ev.specificity_figures(self.cfg.eval, shift, self.threshold["value"], copies=copies)
         rows = judge_checks(self.checks, judged, earlier, emb[len(items):], self.bound)
         ssim = float(self.metrics.ssim(self.integrity_base, integrity_new).mean())
-        gate = ev.integrity_gate(self.cfg.eval, {"ssim": round(ssim, 4)}, spec)
+        gate = ev.integrity_gate(self.cfg.eval, {"ssim": round(ssim, 4), "unavailable": {}}, spec)
+        prompts = None
+        if self.groups:  # each prompt apart; one below the SSIM bound fails the gate, whatever the pooled mean
+            prompts = ev.integrity_by_prompt(self.cfg.eval, self.metrics, {
+                "integrity": gate, "forget_threshold": self.threshold, "specificity": spec, "all_forgotten": True,
+            }, self.integrity_base, integrity_new, self.groups)
         out = []
         for j, (rec, i, picture_emb, base_out_emb) in enumerate(items):
             sscd_new, hf = float(picture_emb @ emb[j]), float(hf_all[j])
@@ -460,7 +479,8 @@ class Batch:
             descriptor = encode_descriptor(picture_emb, self.sscd_source)
             check = Check(rec.id, rec.seed, decode_descriptor(descriptor), self.threshold["value"],
                           prep.targets[i].image if rec.seed is None else None)
-            out.append(_Measured(row, rows, ssim, integrity_new, check, descriptor, train_s, spec, gate, delta))
+            out.append(_Measured(row, rows, ssim, integrity_new, check, descriptor, train_s, spec, gate, prompts,
+                                 delta))
         return out
 
     def _verdict(self, rec: RequestRecord, m: _Measured, sscd_base: float) -> tuple[str | None, str, dict]:
@@ -471,8 +491,13 @@ class Batch:
         figures = f"SSCD {sscd_base:.3f} -> {m.row['sscd_unlearned']:.3f} (threshold {self.threshold['value']:.3f})"
         logger.info("  %s: %s, integrity SSIM %.3f (bound %s), %d earlier re-verified, %.0f s training",
                     rec.id, figures, m.ssim, min_ssim, len(m.rows), m.train_s)
+        if m.prompts:
+            logger.info("  %s: integrity SSIM by prompt: %s", rec.id,
+                        "; ".join(f"{r['prompt']!r} {r['ssim']} (min {r['ssim_min']}, n {r['n']})" for r in m.prompts))
         attempt = {"sscd_base": round(sscd_base, 4), "sscd_new": m.row["sscd_unlearned"],
                    "integrity_ssim": round(m.ssim, 4), "train_seconds": round(m.train_s, 2), "prompt": rec.prompt}
+        if m.prompts:
+            attempt["integrity_prompts"] = m.prompts
         if not m.row["forgotten"]:
             return "fail", f"not forgotten with these settings: {figures}; {m.row['why']}", attempt
         if m.ssim < min_ssim:
@@ -592,7 +617,8 @@ class Batch:
             "judged_by": "the model's output for the seed" if rec.seed is not None else "SDEdit of the picture at 0.5 T",
             "sscd_base": round(sscd_base, 4), "sscd_new": m.row["sscd_unlearned"], "artifact": m.row["artifact"],
             "hf_energy": m.row["hf_energy"], "artifact_bound": round(self.bound, 4),
-            "threshold": self.threshold, "integrity_after_request": {"ssim": round(m.ssim, 4), "n": len(self.seeds)},
+            "threshold": self.threshold, "integrity_after_request": {
+                "ssim": round(m.ssim, 4), "n": len(self.integrity_base), **({"prompts": m.prompts} if m.prompts else {})},
             "specificity": None if m.spec is None else {
                 **{k: m.row.get(k) for k in ("sscd_base_hotfix", "rank", "margin", "specific")},
                 **{k: m.spec[k] for k in ("n", "median", "p10", "percentile", "bound", "collateral", "max_collateral")}},
@@ -619,6 +645,7 @@ class Batch:
         # the weights now are the batch's final ones unless a later request passes (a failing one
         # is rolled back to exactly these): the commit's integrity figures reuse these samples
         self.integrity_last = m.integrity_new
+        self.spec_last = m.spec
 
     def _settings(self) -> dict:
         c = self.cfg
@@ -655,12 +682,17 @@ class Batch:
         figures = ev.integrity_figures(self.metrics, self.integrity_base, integrity_new, fid=cfg.eval.fid)
         figures.update(min_ssim=cfg.eval.min_integrity_ssim)
         figures["ok"] = figures["ssim"] is not None and figures["ssim"] >= cfg.eval.min_integrity_ssim
+        if not figures["ok"]:
+            figures["why"] = f"SSIM {figures['ssim']} below {cfg.eval.min_integrity_ssim}"
+        if self.groups:  # each prompt apart again, on the final weights' samples (its gate as a request's)
+            ev.integrity_by_prompt(cfg.eval, self.metrics, {
+                "integrity": figures, "forget_threshold": self.threshold, "specificity": self.spec_last,
+                "all_forgotten": True}, self.integrity_base, integrity_new, self.groups)
         rows = verify(self.family, self.metrics, self.checks, self.bound)
         self.out.integrity, self.out.reverified = figures, rows
         bad = regressions(rows)
         if not figures["ok"] or bad:
-            raise BatchAborted(f"final integrity SSIM {figures['ssim']} below {cfg.eval.min_integrity_ssim}"
-                               if not figures["ok"] else
+            raise BatchAborted(f"final integrity {figures.get('why')}" if not figures["ok"] else
                                "final re-verification: " + ", ".join(f"{r['id']} SSCD {r['sscd']}" for r in bad[:3]))
         self.n_ok = sum(r["forgotten"] is True for r in rows)
         logger.info("batch %s: integrity SSIM %s LPIPS %s FID %s on %s seeds; %d/%d requests verified forgotten",
@@ -699,6 +731,8 @@ class Batch:
                             manifest=ctx.store.uri(ctx.lineage.manifest_key(self.id)),
                             reverified=f"{self.n_ok}/{len(rows)}")
         integrity = {**{k: figures.get(k) for k in ("ssim", "lpips", "fid", "n")}, "min": figures["min_ssim"]}
+        if figures.get("prompts"):
+            integrity["prompts"] = figures["prompts"]
         evidence = {}
         for rec, e in self.passed:
             final = next(r for r in rows if r["id"] == rec.id)

@@ -121,6 +121,29 @@ def _print_table(title: str | None, columns: list[str], rows: list[list]) -> Non
     _console().print(table)
 
 
+PROMPT_COLUMNS = ("prompt", "n", "SSIM", "SSIM min", "LPIPS", "SSCD median", "below", "copies")
+# where a request's evidence holds per-prompt integrity rows (evaluate.integrity_by_prompt; sd3 with
+# model.sd3.extra_prompts): (evidence key, key inside it, the table's title)
+_PROMPT_ROWS = (("integrity_after_request", "prompts", "integrity by prompt, after this request"),
+                ("integrity", "prompts", "integrity by prompt, the batch's final weights"),
+                ("last_attempt", "integrity_prompts", "integrity by prompt, the last attempt"))
+
+
+def prompt_table(rows: list[dict], title: str | None = None):
+    """`evaluate.integrity_by_prompt`'s rows as a rich table, one line per prompt (the run's own
+    marked); for `requests show`, `requests process` and `ray-unlearn unlearn/evaluate`."""
+    from rich.table import Table
+
+    table = Table(*PROMPT_COLUMNS, title=title, title_justify="left", caption_justify="left",
+                  caption="SSIM: mean; SSCD median: of SSCD(base_i, hotfix_i); below: outputs under the forget "
+                          "threshold; copies: outputs that copy the target, counted apart")
+    for r in rows:
+        cells = [f"{r['prompt']}{' (run prompt)' if r.get('own') else ''}", r.get("n"), r.get("ssim"),
+                 r.get("ssim_min"), r.get("lpips"), r.get("sscd_median"), r.get("below_threshold"), r.get("copies")]
+        table.add_row(*(_safe("n/a" if v is None else v) for v in cells))
+    return table
+
+
 def _lease(rec) -> str:
     if rec.state != "claimed":
         return ""
@@ -206,15 +229,21 @@ def show(
     data = rec.public()
     evidence = data.pop("evidence")
     _print_table(f"request {rec.id}", ["field", "value"], [[k, v] for k, v in data.items()])
-    rows = []
+    rows, by_prompt = [], []
     for key, value in evidence.items():
         if key == "descriptor" and isinstance(value, dict) and "b64" in value:  # 1.4 kB of base64: say what it is
             value = {**value, "b64": f"<{len(str(value['b64']))} base64 chars>"}
+        for where, inner, title in _PROMPT_ROWS:  # each prompt's integrity: a table of its own below
+            if key == where and isinstance(value, dict) and isinstance(value.get(inner), list):
+                by_prompt.append((title, value[inner]))
+                value = {**value, inner: f"<{len(value[inner])} prompts: table below>"}
         rows.append([key, json.dumps(value)])
     if rows:
         _print_table("evidence", ["key", "value"], rows)
     else:
         typer.echo("evidence: (none yet)")
+    for title, prompt_rows in by_prompt:
+        _console().print(prompt_table(prompt_rows, title))
     _print_table("ledger", ["#", "at", "event", "from -> to", "holder", "reason"], [
         [e["seq"], e["at"], e["event"], f"{e['from'] or '-'} -> {e['to']}", e.get("holder"), e.get("reason")]
         for e in ledger])
@@ -284,6 +313,8 @@ def _summary(out) -> None:
         i = out.integrity
         typer.echo(f"integrity vs base on {i['n']} seeds: SSIM {i['ssim']} (bound {i.get('min_ssim')}) "
                    f"LPIPS {i['lpips']} FID {i['fid']}")
+        if i.get("prompts"):
+            _console().print(prompt_table(i["prompts"], "integrity by prompt (each one gated)"))
     if out.reverified:
         ok = sum(r["forgotten"] is True for r in out.reverified)
         skipped = sum(r["forgotten"] is None for r in out.reverified)
