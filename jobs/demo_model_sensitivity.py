@@ -11,7 +11,7 @@ its resolution), not the method, sets the floor.
 
     python jobs/demo_model_sensitivity.py --out runs/sensitivity [--hotfix DIR ...]
     python jobs/demo_model_sensitivity.py --plot runs/sensitivity/sensitivity.json ... \
-        [--pareto STORE/searches/ID/pareto.json] --out docs/demo_model_sensitivity.png
+        [--pareto STORE/searches/ID/pareto.json] [--labels NAME ...] --out docs/demo_model_sensitivity.png
 
 `--hotfix DIR` (pipeline dirs) adds real hotfixes' rows for comparison, with their relative weight
 change ||dtheta|| / ||theta||. `--plot` draws collateral forgetting against integrity SSIM from
@@ -53,17 +53,27 @@ def _row(metrics, base_imgs, base_emb, new_imgs, threshold, cfg) -> dict:
             "collateral": spec["collateral"], "collateral_count": spec["collateral_count"], "n": spec["n"]}
 
 
-def plot(results: list[str], paretos: list[str], out: str) -> Path:
+def plot(results: list[str], paretos: list[str], out: str, labels: list[str] | None = None) -> Path:
+    """Collateral forgetting against integrity SSIM. `labels` (one per results file) draws one
+    series per model, so two models' sensitivities can be compared; files sharing a label pool."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for f in results for r in json.loads(Path(f).read_text())["rows"]]
+    if labels and len(labels) != len(results):
+        raise SystemExit(f"--labels: give one label per results file ({len(results)}), got {len(labels)}")
+    groups: dict[str, list[dict]] = {}
+    for i, f in enumerate(results):
+        groups.setdefault(labels[i] if labels else "", []).extend(json.loads(Path(f).read_text())["rows"])
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    rnd = [r for r in rows if r["kind"] == "random"]
-    ax.scatter([r["ssim"] for r in rnd], [100 * r["collateral"] for r in rnd], c="tab:gray", marker="o",
-               label="random weight noise (no unlearning)")
+    markers = iter(("o", "s", "D", "v"))
+    colours = iter(("tab:gray", "tab:orange", "tab:purple", "tab:brown"))
+    for label, rows in groups.items():
+        rnd = [r for r in rows if r["kind"] == "random"]
+        ax.scatter([r["ssim"] for r in rnd], [100 * r["collateral"] for r in rnd], c=next(colours), marker=next(markers),
+                   label=f"{label}: random weight noise" if label else "random weight noise (no unlearning)")
+    rows = [r for g in groups.values() for r in g]
     trials = [t for f in paretos for t in json.loads(Path(f).read_text())["trials"] if t.get("collateral") is not None]
     if trials:
         ax.scatter([t["integrity"] for t in trials], [100 * t["collateral"] for t in trials], c="tab:blue",
@@ -73,10 +83,11 @@ def plot(results: list[str], paretos: list[str], out: str) -> Path:
         ax.scatter([r["ssim"] for r in hot], [100 * r["collateral"] for r in hot], c="tab:red", marker="*", s=120,
                    label="its chosen hotfix, 32 seeds")
     ax.axhline(5, color="tab:green", ls="--", lw=1)
-    ax.text(0.5, 6, "collateral gate: 5%", fontsize=7, color="tab:green")
+    ax.text(0.5 if not labels else 0.35, 6, "collateral gate: 5%", fontsize=7, color="tab:green")
     ax.set_xlabel("integrity SSIM (base vs changed model, same seeds)")
     ax.set_ylabel("collateral forgetting (%)")
-    ax.set_title("demo model: collateral forgetting follows integrity", fontsize=9)
+    ax.set_title("collateral forgetting against integrity" if labels else "demo model: collateral forgetting follows integrity",
+                 fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     path = Path(out)
@@ -96,9 +107,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="runs/sensitivity")
     ap.add_argument("--plot", nargs="*", default=None, help="draw from these sensitivity.json files; sample nothing")
     ap.add_argument("--pareto", nargs="*", default=[], help="with --plot: a search's pareto.json, its trials as points")
+    ap.add_argument("--labels", nargs="*", default=None, help="with --plot: one label per results file (one series per model)")
     a = ap.parse_args(argv)
     if a.plot is not None:
-        print(plot(a.plot, a.pareto, a.out))
+        print(plot(a.plot, a.pareto, a.out, a.labels))
         return {}
     cfg = load_config(None, [f"eval.n_integrity={a.n}", *a.sets])
     fam = engine.load_family(cfg, lora=False)

@@ -47,6 +47,18 @@ def test_loads_hub_id_from_local_cache(tiny_model_dir, tmp_path, monkeypatch):
     assert family("acme/tiny-ddpm").fingerprint() == weights_fingerprint(tiny_unet())
 
 
+def test_shipped_demo_models_load_by_name(monkeypatch):
+    """`model.path` takes each shipped name; the LFW model is grey, the drawn-faces model RGB."""
+    from ray_unlearn.families import ddpm
+
+    assert family("demo").fingerprint() == family("demo-lfw").fingerprint()
+    faces = family("demo-faces")
+    assert faces.channels == 3 and faces.size == (32, 32) and family("demo-lfw").channels == 1
+    monkeypatch.setitem(ddpm.DEMO_DIRS, "demo-faces", ddpm.ASSETS / "not-there")
+    with pytest.raises(ModelLoadError, match="missing.*train_demo_model.py"):
+        family("demo-faces")
+
+
 def test_missing_model_has_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="could not load a DDPM"):

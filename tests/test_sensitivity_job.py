@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,3 +33,9 @@ def test_sensitivity_rows_pairing_and_plot(tiny_model_dir, tmp_path):
     png = tmp_path / "s.png"
     job.main(["--plot", str(tmp_path / "out" / "sensitivity.json"), "--out", str(png)])
     assert png.stat().st_size > 1000
+    two = tmp_path / "two.png"  # one series per labelled model; a label per file or a clear refusal
+    f = str(tmp_path / "out" / "sensitivity.json")
+    job.main(["--plot", f, f, "--labels", "model A", "model B", "--out", str(two)])
+    assert two.stat().st_size > 1000
+    with pytest.raises(SystemExit, match="one label per results file"):
+        job.main(["--plot", f, f, "--labels", "only one", "--out", str(two)])
