@@ -73,15 +73,15 @@ def plot(results: list[str], paretos: list[str], out: str, labels: list[str] | N
         rnd = [r for r in rows if r["kind"] == "random"]
         ax.scatter([r["ssim"] for r in rnd], [100 * r["collateral"] for r in rnd], c=next(colours), marker=next(markers),
                    label=f"{label}: random weight noise" if label else "random weight noise (no unlearning)")
-    rows = [r for g in groups.values() for r in g]
     trials = [t for f in paretos for t in json.loads(Path(f).read_text())["trials"] if t.get("collateral") is not None]
     if trials:
         ax.scatter([t["integrity"] for t in trials], [100 * t["collateral"] for t in trials], c="tab:blue",
                    marker="^", label="the demo search's 6 hotfixes (16 seeds)")
-    hot = [r for r in rows if r["kind"] == "hotfix"]
-    if hot:
-        ax.scatter([r["ssim"] for r in hot], [100 * r["collateral"] for r in hot], c="tab:red", marker="*", s=120,
-                   label="its chosen hotfix, 32 seeds")
+    for label, group in groups.items():
+        hot = [r for r in group if r["kind"] == "hotfix"]
+        if hot:
+            ax.scatter([r["ssim"] for r in hot], [100 * r["collateral"] for r in hot], c="tab:red", marker="*", s=120,
+                       label=f"{label}: the demo's chosen hotfix" if label else "its chosen hotfix, 32 seeds")
     ax.axhline(5, color="tab:green", ls="--", lw=1)
     ax.text(0.5 if not labels else 0.35, 6, "collateral gate: 5%", fontsize=7, color="tab:green")
     ax.set_xlabel("integrity SSIM (base vs changed model, same seeds)")
