@@ -8,7 +8,7 @@ Two datasets, both offline:
 Cosine schedule, AdamW, EMA, grad clipping. The result is a standard diffusers DDPMPipeline
 directory plus training.json:
 
-    python jobs/train_demo_model.py --data faces --steps 8000 --out ray_unlearn/assets/demo-faces32
+    python jobs/train_demo_model.py --data faces --pool 20000 --steps 4000 --batch-size 24 --threads 1 --out ray_unlearn/assets/demo-faces32
     python jobs/train_demo_model.py --data lfw --steps 3000 --out ray_unlearn/assets/demo-lfw32
 """
 

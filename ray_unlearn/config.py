@@ -106,7 +106,8 @@ class ModelConfig(_Strict):
     )
     path: str = Field(
         DEMO_MODEL,
-        description="'demo' (the shipped LFW model), a Hugging Face hub id "
+        description="'demo' (the shipped LFW model; also 'demo-lfw'), 'demo-faces' (the shipped model of "
+        "portraits drawn by code, RGB), a Hugging Face hub id "
         "(e.g. google/ddpm-celebahq-256), or a local diffusers directory.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
