@@ -13,7 +13,8 @@ reconstruction of the picture, at or above the threshold), else the request ends
 unless an operator overrode it. Then, from the current weights: snapshot the trainable weights,
 train on that request alone (a non-finite loss or gradient fails it: "diverged (NaN at step k)"),
 then gate: (1) forgotten (SSCD below the threshold and not artifact texture), (2) integrity
-SSIM against the base model at or above the bound, (3) every request done before it, in earlier
+against the base model: SSIM at or above the bound (pooled, and per prompt when sd3's
+`extra_prompts` are set) and collateral forgetting within its bound, (3) every request done before it, in earlier
 batches or this one, still forgotten. A failed gate restores the snapshot; (1) and an unusable
 image fail the request; (2) and (3) depend on what came before it, so the request goes back to
 pending (and fails once its claims exceed `max_attempts`). Then the batch: the final figures
