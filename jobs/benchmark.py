@@ -57,7 +57,12 @@ def parser() -> argparse.ArgumentParser:
                                                 "--sampler-agreement: runs/bench-agreement)")
     ap.add_argument("--table", action="store_true", help="the paper's Table I on the demo model (hours on CPU; --tiny: seconds)")
     ap.add_argument("--targets", type=int, default=8, help="target seeds from the fixed RNG (--table)")
-    ap.add_argument("--presets", nargs="+", default=["paper"], help="presets to run every method at (--table)")
+    ap.add_argument("--presets", nargs="+", default=None, help="presets to run every method at (--table)")
+    ap.add_argument("--arm", dest="arms", action="append", default=[],
+                    help="an extra arm LABEL=METHOD@PRESET[,key=value...] (--table; repeatable; with --arm only "
+                         "the given arms run unless --presets is given too)")
+    ap.add_argument("--rng-seed", type=int, default=None, help="draw the targets from another fixed RNG (--table; "
+                                                              "1107: the seeds the demo defaults are tuned on)")
     ap.add_argument("--budget-minutes", type=float, default=None, help="start no new run after this long; "
                                                                        "rerun the same command to finish (--table, "
                                                                        "--continual)")
@@ -76,10 +81,16 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict:
     a = parser().parse_args(argv)
     if a.table:
-        from ray_unlearn.table import TINY_SETS, TableOptions, default_arms, run_table
+        from ray_unlearn.table import TABLE_RNG_SEED, TINY_SETS, TableOptions, default_arms, parse_arm, run_table
 
         sets = (*(TINY_SETS if a.tiny else ()), *a.sets)
-        res = run_table(TableOptions(n_targets=a.targets, arms=default_arms(tuple(a.presets)), sets=sets,
+        presets = a.presets if a.presets is not None else ([] if a.arms else ["paper"])
+        try:
+            arms = [*default_arms(tuple(presets)), *map(parse_arm, a.arms)]
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        res = run_table(TableOptions(n_targets=a.targets, arms=arms, sets=sets,
+                                     rng_seed=TABLE_RNG_SEED if a.rng_seed is None else a.rng_seed,
                                      out=Path(a.out or "runs/table"), progress=not a.json,
                                      budget_s=None if a.budget_minutes is None else 60 * a.budget_minutes))
         if not a.json:

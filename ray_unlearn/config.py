@@ -146,7 +146,22 @@ class SurrogateConfig(_Strict):
     )
     # 0.8: docs/method.md's surgery trial used 0.8; on the demo model (lr 3e-5, 60 steps) 0.8 gave
     # target SSCD 0.53 / integrity SSIM 0.80 / FID 57 against 0.52 / 0.72 / 69 at 0.6.
-    strength: float = Field(0.8, ge=0.0, le=1.0, description="SDEdit editing strength in [0,1].")
+    strength: float = Field(0.8, ge=0.0, le=1.0, description="SDEdit editing strength in [0,1] (with "
+                            "`adapt`: the first strength tried).")
+    # adapt: at a fixed strength SDEdit can return the same identity (on demo-faces, 0.7 left one
+    # drawn target at SSCD 0.80 to its surrogate, above the threshold 0.626), and no training then
+    # forgets it; a surrogate that is itself not "forgotten" is no surrogate (docs/method.md)
+    adapt: bool = Field(
+        True, description="kind='sdedit': per target, raise the strength from `strength` by `strength_step` up to "
+        "`max_strength`, trying `tries` SDEdit noises at each, and take the first surrogate whose SSCD to its "
+        "target is below the forget threshold minus `margin` (else the least similar one tried). The chosen "
+        "strength, noise and SSCD are in the report (`surrogates`).",
+    )
+    strength_step: float = Field(0.05, gt=0.0, le=1.0, description="adapt: strength increment.")
+    max_strength: float = Field(0.95, ge=0.0, le=1.0, description="adapt: the highest strength tried.")
+    tries: int = Field(4, ge=1, le=64, description="adapt: SDEdit noises tried at each strength (one batch).")
+    margin: float = Field(0.0, ge=0.0, le=1.0, description="adapt: how far below the forget threshold the "
+                          "surrogate's SSCD to its target must be.")
     sigma: float = Field(0.3, gt=0.0, description="Std of the Gaussian for kind='noise' (image in [0,1]).")
     seed: int = Field(0, description="Seed of the SDEdit noise.")
     prompt: str | None = Field(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ from ray_unlearn.methods import METHODS, build_method
 from ray_unlearn.metrics import Metrics
 from ray_unlearn.surrogates import make_surrogates
 from ray_unlearn.viz import before_after_figure, integrity_grid
+
+log = logging.getLogger(__name__)
 
 FAMILIES = {"ddpm": DDPMFamily}  # kept for callers that import it; families.FAMILIES is the registry
 
@@ -186,6 +189,7 @@ class Prepared:
     teacher: torch.nn.Module | None = None  # frozen original base network (remember.target='base')
     pull: tuple[float, list[torch.Tensor]] | None = None  # (lambda, anchors): the L2 pull (continual.pull)
     others: dict[str, dict[str, torch.Tensor]] | None = None  # other prompts' base samples (Reference.others)
+    surrogate_info: list[dict] | None = None  # adaptive SDEdit's choice per target (surrogates.adaptive_sdedit)
 
     def data(self) -> UnlearnData:
         f = self.family
@@ -211,12 +215,13 @@ def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None, surrogate
     else:
         targets, target_base = resolve_targets(base or family, cfg.targets), None
     images = torch.stack([t.image for t in targets])
+    reference = reference or reference_outputs(cfg, base or family)
+    surrogate_info = None
     if surrogates and METHODS[cfg.method.name].uses_surrogate:
         with family.editing(cfg.surrogate.prompt):  # sd3: SDEdit's optional edit prompt
-            edited = make_surrogates(family, images.to(family.device), cfg.surrogate)
+            edited, surrogate_info = _surrogates(cfg, family, images.to(family.device), reference.remember)
     else:  # baselines and evaluation never read it: skip the SDEdit pass
         edited = images.clone()
-    reference = reference or reference_outputs(cfg, base or family)
     n = cfg.eval.n_integrity
     if len(reference.integrity_base) < n:
         raise ValueError(f"the shared reference holds {len(reference.integrity_base)} integrity samples, "
@@ -224,7 +229,27 @@ def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None, surrogate
     if target_base is None:
         target_base = ev.model_outputs_for_targets(base or family, targets)
     return Prepared(cfg, family, targets, edited, reference.remember, target_base, reference.integrity_base[:n],
-                    dict(reference.cache_hits), anchor_teacher(cfg, family, base), others=reference.others)
+                    dict(reference.cache_hits), anchor_teacher(cfg, family, base), others=reference.others,
+                    surrogate_info=surrogate_info)
+
+
+def _surrogates(cfg: UnlearnConfig, family: DiffusionFamily, images: torch.Tensor,
+                remember: torch.Tensor) -> tuple[torch.Tensor, list[dict] | None]:
+    """The targets' surrogates: adaptive SDEdit (surrogate.adapt) against the forget threshold the
+    verdict will use (calibrated on the same remember images), else the configured edit as is."""
+    s = cfg.surrogate
+    if s.kind != "sdedit" or not s.adapt:
+        return make_surrogates(family, images, s), None
+    from ray_unlearn.metrics import MetricUnavailable
+    from ray_unlearn.surrogates import adaptive_sdedit
+
+    metrics = build_metrics(cfg, family.device)
+    try:
+        threshold = ev.calibrate_threshold(cfg.eval, metrics, remember)["value"]
+        return adaptive_sdedit(family, images, s, metrics.sscd, threshold)
+    except MetricUnavailable as err:  # no SSCD model: the configured strength, as without adapt
+        log.warning("surrogate.adapt needs SSCD (%s): using SDEdit at strength %s as configured", err, s.strength)
+        return make_surrogates(family, images, s), None
 
 
 def anchor_teacher(cfg: UnlearnConfig, family: DiffusionFamily, base: DiffusionFamily | None) -> torch.nn.Module | None:
@@ -281,6 +306,8 @@ def judge(prep: Prepared, metrics: Metrics | None = None, progress: bool = True,
     )
     if groups:
         ev.integrity_by_prompt(cfg.eval, metrics, result, base_all, new_all, groups)
+    if prep.surrogate_info is not None:
+        result["surrogates"] = prep.surrogate_info
     result["metric_sources"] = metrics.sources()
     return result, target_new, integrity_new
 

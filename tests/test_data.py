@@ -9,7 +9,7 @@ from PIL import Image
 from ray_unlearn.config import ModelConfig, RememberConfig, SamplerConfig, SurrogateConfig, TargetSpec
 from ray_unlearn.data import ImageError, SampleCache, load_image, remember_images, resolve_targets
 from ray_unlearn.families.ddpm import DDPMFamily
-from ray_unlearn.surrogates import SURROGATES, make_surrogates
+from ray_unlearn.surrogates import SURROGATES, adaptive_sdedit, make_surrogates, strength_ladder
 
 
 @pytest.fixture
@@ -81,3 +81,36 @@ def test_surrogates(fam, tmp_path, kind):
     if kind == "provided":
         with pytest.raises(ValueError, match="one edited image per target"):
             make_surrogates(fam, x, SurrogateConfig(kind="provided", paths=paths[:1]))
+
+
+def _mean_gap(a, b):  # a stand-in similarity: 1 - mean |a - b| per pair (the real one is SSCD)
+    return 1 - (a - b).abs().flatten(1).mean(1)
+
+
+def test_adaptive_sdedit_climbs_the_ladder_until_the_surrogate_is_below_the_threshold(fam):
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    cfg = SurrogateConfig(strength=0.2, strength_step=0.2, max_strength=1.0, tries=3)
+    assert strength_ladder(cfg) == [0.2, 0.4, 0.6, 0.8, 1.0]
+    assert strength_ladder(SurrogateConfig(strength=0.98)) == [0.98]
+    per_strength = {s: _mean_gap(x[:1].expand(3, -1, -1, -1), fam.sdedit(x[:1].repeat(3, 1, 1, 1), s, 0)).min().item()
+                    for s in strength_ladder(cfg)}
+    # a bound between the 0.2 and the strongest edit's similarity: the first strength under it is chosen
+    bound = (per_strength[0.2] + min(per_strength.values())) / 2
+    want = next(s for s in strength_ladder(cfg) if per_strength[s] < bound)
+    out, info = adaptive_sdedit(fam, x, cfg, _mean_gap, bound)
+    assert out.shape == x.shape and info[0]["strength"] == want and info[0]["below"]
+    assert info[0]["sscd"] == pytest.approx(per_strength[want], abs=1e-4) and 0 <= info[0]["try"] < 3
+    assert info[0]["strengths_tried"] == strength_ladder(cfg).index(want) + 1
+    # the chosen image is that try of that strength, and the whole thing is deterministic
+    cand = fam.sdedit(x[:1].repeat(3, 1, 1, 1), want, 0)
+    assert torch.allclose(out[0], cand[info[0]["try"]].float()) and torch.equal(adaptive_sdedit(fam, x, cfg, _mean_gap, bound)[0], out)
+    # nothing below the bound: the least similar surrogate tried, flagged, after the whole ladder
+    out, info = adaptive_sdedit(fam, x, cfg, _mean_gap, -1.0)
+    assert not info[1]["below"] and info[1]["strengths_tried"] == 5
+    assert info[1]["sscd"] == pytest.approx(min(
+        _mean_gap(x[1:].expand(3, -1, -1, -1), fam.sdedit(x[1:].repeat(3, 1, 1, 1), s, 0)).min().item()
+        for s in strength_ladder(cfg)), abs=1e-4)
+    # one try at a strength that already passes: plain SDEdit's surrogate for a single target
+    one = SurrogateConfig(strength=0.5, tries=1)
+    out, info = adaptive_sdedit(fam, x[:1], one, _mean_gap, 2.0)
+    assert info[0]["strengths_tried"] == 1 and torch.allclose(out, make_surrogates(fam, x[:1], one))

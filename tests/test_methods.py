@@ -256,3 +256,19 @@ def test_siss_paper_preset_uses_the_reference_adamw_betas():
 
     with pytest.raises(ConfigError, match="betas"):  # refused when the config is read, not mid-run by torch
         load_config(None, ["train.betas=[0.9, 1.5]"])
+
+
+def test_surrogate_remember_weighting_one_keeps_full_weight_where_the_paper_gives_none():
+    """'complement' weighs each remember sample 1 - (t/T)^beta (about 0 at the last timesteps);
+    'one' weighs every sample 1: its loss is the plain mean of the same per-sample errors."""
+    losses = {}
+    for rw in ("complement", "one"):
+        fam, method, batch = _toy("surrogate", remember_weighting=rw)
+        loss, _ = method.remember_loss(batch, torch.Generator().manual_seed(3))
+        mse, t = method.remember_mse(batch["remember"], torch.Generator().manual_seed(3))
+        losses[rw] = (loss, mse, t)
+    (lc, mse, t), (lo, mse_o, _) = losses["complement"], losses["one"]
+    assert torch.allclose(mse, mse_o)  # same draws: only the weights differ
+    w = 1 - (t.float() / 99) ** method.cfg.beta
+    assert torch.allclose(lc, (w * mse).mean()) and torch.allclose(lo, mse.mean())
+    assert float(lo) > float(lc)

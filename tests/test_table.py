@@ -6,7 +6,8 @@ import pytest
 
 from ray_unlearn.methods import METHODS
 from ray_unlearn.table import (
-    SEED_POOL, TABLE_RNG_SEED, Arm, TableOptions, aggregate, default_arms, ordering_check, render_markdown, table_seeds,
+    SEED_POOL, TABLE_RNG_SEED, TUNING_RNG_SEED, Arm, TableOptions, aggregate, default_arms, ordering_check, parse_arm,
+    render_markdown, table_seeds,
 )
 
 
@@ -20,6 +21,24 @@ def test_seeds_are_fixed_draws_and_a_longer_table_extends_a_shorter_one():
     assert all(100 <= s < 1_000_000 for s in eight) and not {7, 11, 5, 4} & set(eight)
     with pytest.raises(ValueError):
         table_seeds(0)
+
+
+def test_tuning_seeds_never_meet_the_held_out_targets():
+    from ray_unlearn.bench.continual import continual_seeds
+
+    tuning = table_seeds(8, TUNING_RNG_SEED)
+    assert tuning[:4] == table_seeds(4, TUNING_RNG_SEED) and len(set(tuning)) == 8
+    # the demo defaults are chosen on these: Table I's targets and the continual benchmark's are held out
+    assert not set(tuning) & set(table_seeds(8)) and not set(tuning) & set(continual_seeds(20))
+
+
+def test_an_extra_arm_carries_its_own_values_and_a_bad_one_says_how_to_write_it():
+    arm = parse_arm("fast=surrogate@demo,train.lr=1e-4,train.steps=90")
+    assert arm == Arm("surrogate", "demo", ("train.lr=1e-4", "train.steps=90"), "fast") and arm.name == "fast"
+    assert parse_arm("n=neggrad@paper") == Arm("neggrad", "paper", (), "n")
+    for bad in ("surrogate@demo", "x=nomethod@demo", "x=surrogate", "x=surrogate@demo,train.lr"):
+        with pytest.raises(ValueError, match="LABEL=METHOD@PRESET"):
+            parse_arm(bad)
 
 
 def _row(seed, sscd, forgotten, ssim, fid=None, spec=None):

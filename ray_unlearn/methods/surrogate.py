@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from ray_unlearn import diffusion, surgery
@@ -28,6 +29,14 @@ class SurrogateMethodConfig(Strict):
         "project_forget",
         description="Gradient surgery (paper Eq. 12-13; Table IV): 'project_forget' (default, best "
         "in the paper) projects g_f off g_r when they conflict; 'pcgrad' projects both; 'none'.",
+    )
+    # "one": at high t the paper's 1 - lambda_t leaves the remember term nearly no weight, exactly
+    # where a noised target looks like every other noised image, so the forget step moves unrelated
+    # outputs with nothing pushing back (collateral forgetting, docs/method.md)
+    remember_weighting: Literal["complement", "one"] = Field(
+        "complement",
+        description="The remember term's weight per sample: 'complement' = 1 - lambda_t (paper Eq. 9); "
+        "'one' = 1 at every t (the remember term keeps its full weight where the forget term is strongest).",
     )
     forget_t_min: int = Field(
         0, ge=0, description="Lowest timestep of forget samples (a floor tames eps_s ~ sqrt(SNR_t))."
@@ -59,7 +68,7 @@ class SurrogateMethod(Method):
 
     def remember_loss(self, batch, gen):
         mse, t = self.remember_mse(batch["remember"], gen)
-        w = 1 - self._weight(t)
+        w = 1 - self._weight(t) if self.cfg.remember_weighting == "complement" else torch.ones_like(t, dtype=torch.float32)
         loss = (w * mse).mean()
         return loss, {"remember/loss": logged(loss), "remember/mse": logged(mse)}
 
