@@ -190,17 +190,21 @@ class Prepared:
     pull: tuple[float, list[torch.Tensor]] | None = None  # (lambda, anchors): the L2 pull (continual.pull)
     others: dict[str, dict[str, torch.Tensor]] | None = None  # other prompts' base samples (Reference.others)
     surrogate_info: list[dict] | None = None  # adaptive SDEdit's choice per target (surrogates.adaptive_sdedit)
+    steps_trained: int | None = None  # set by `train` (train.extra_rounds may add rounds)
+    forget_weights: torch.Tensor | None = None  # per target sampling weight (anchored replay); None: uniform
 
     def data(self) -> UnlearnData:
         f = self.family
         forget = torch.stack([t.image for t in self.targets])
         if not self.others:
-            return UnlearnData(f.encode(forget).cpu(), f.encode(self.surrogates).cpu(), f.encode(self.remember).cpu())
+            return UnlearnData(f.encode(forget).cpu(), f.encode(self.surrogates).cpu(), f.encode(self.remember).cpu(),
+                               forget_weights=self.forget_weights)
         # other prompts join the remember set: every sample then carries its prompt's embeddings
         remember = torch.cat([self.remember, *(o["remember"] for o in self.others.values())])
         prompts = [f.prompt] * len(self.remember) + [p for p, o in self.others.items() for _ in range(len(o["remember"]))]
         return UnlearnData(f.encode(forget).cpu(), f.encode(self.surrogates).cpu(), f.encode(remember).cpu(),
-                           forget_cond=f.condition([f.prompt] * len(forget)), remember_cond=f.condition(prompts))
+                           forget_cond=f.condition([f.prompt] * len(forget)), remember_cond=f.condition(prompts),
+                           forget_weights=self.forget_weights)
 
 
 def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None, surrogates: bool = True,
@@ -273,16 +277,45 @@ def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state
     loop = UnlearnLoop(prep.family, method, prep.data(), prep.cfg.train, reduce_grads, pull=prep.pull)
     if state is not None:
         loop.load_state_dict(state)
-    if on_step is None:
-        loop.run(report, progress=progress)
-    else:  # the platform checkpoints between steps
-        def _report(logs, step):
+    run_report = report
+    if on_step is not None:  # the platform checkpoints between steps
+        def run_report(logs, step):
             if report is not None:
                 report(logs, step)
             on_step(loop, logs, step)
 
-        loop.run(_report, progress=progress)
+    c = prep.cfg.train
+    for k in range(c.extra_rounds + 1):
+        if k > 0:
+            if targets_forgotten(prep, loop.step_count):
+                break
+            loop.cfg = c.model_copy(update={"steps": c.steps * (k + 1)})
+        if loop.step_count < loop.cfg.steps:
+            loop.run(run_report, progress=progress)
+    loop.cfg = c
+    prep.steps_trained = loop.step_count
     return loop
+
+
+def targets_forgotten(prep: Prepared, steps: int) -> bool:
+    """Whether every target's current output is below the forget threshold (one sample per target,
+    SSCD to the target's picture; the threshold calibrated as the verdict's): train.extra_rounds'
+    test. Unmeasurable (no SSCD model) counts as forgotten: no extra round."""
+    from ray_unlearn.metrics import MetricUnavailable
+
+    fam, cfg = prep.family, prep.cfg
+    try:
+        metrics = build_metrics(cfg, fam.device)
+        threshold = ev.calibrate_threshold(cfg.eval, metrics, prep.remember)["value"]
+        new = ev.model_outputs_for_targets(fam, prep.targets)
+        sim = metrics.sscd(torch.stack([t.image for t in prep.targets]).to(new.device), new)
+    except MetricUnavailable as err:
+        log.warning("train.extra_rounds needs SSCD (%s): no extra round", err)
+        return True
+    done = bool((sim < threshold).all())
+    log.info("after %d steps: target SSCD %s (threshold %.3f)%s", steps,
+             ", ".join(f"{float(v):.3f}" for v in sim), threshold, "" if done else ": another round")
+    return done
 
 
 def judge(prep: Prepared, metrics: Metrics | None = None, progress: bool = True,
@@ -308,6 +341,8 @@ def judge(prep: Prepared, metrics: Metrics | None = None, progress: bool = True,
         ev.integrity_by_prompt(cfg.eval, metrics, result, base_all, new_all, groups)
     if prep.surrogate_info is not None:
         result["surrogates"] = prep.surrogate_info
+    if prep.steps_trained is not None:
+        result["steps_trained"] = prep.steps_trained
     result["metric_sources"] = metrics.sources()
     return result, target_new, integrity_new
 

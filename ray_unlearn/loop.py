@@ -36,6 +36,7 @@ class UnlearnData:
     # samples; None: unconditional, or the family conditions every sample alike (sd3's run prompt).
     forget_cond: dict | torch.Tensor | None = None
     remember_cond: dict | torch.Tensor | None = None
+    forget_weights: torch.Tensor | None = None  # [F] sampling weights of the forget samples (None: uniform)
 
 
 def index_cond(cond, idx: torch.Tensor):
@@ -129,7 +130,11 @@ class UnlearnLoop:
         self.remember = data.remember.to(dev)
 
     def batch(self) -> dict:
-        fi = torch.randint(0, len(self.forget), (self.cfg.batch_forget,), generator=self.gen)
+        if self.data.forget_weights is None:
+            fi = torch.randint(0, len(self.forget), (self.cfg.batch_forget,), generator=self.gen)
+        else:  # anchored replay: the new target keeps its share of every batch
+            fi = torch.multinomial(self.data.forget_weights.float(), self.cfg.batch_forget, replacement=True,
+                                   generator=self.gen)
         ri = torch.randint(0, len(self.remember), (self.cfg.batch_remember,), generator=self.gen)
         fi, ri = fi.to(self.forget.device), ri.to(self.remember.device)
         return {"forget": {"x0": self.forget[fi], "x_s": self.surrogate[fi], "cond": index_cond(self.data.forget_cond, fi)},

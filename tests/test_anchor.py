@@ -57,8 +57,8 @@ def test_anchor_after_drift_pulls_toward_the_base_not_the_noise():
     x_t, _, t = anchored.noised(batch()["remember"]["x0"], g)
     with torch.no_grad():
         want = ((fam.predict(x_t, t) - fam.predict(x_t, t, model=teacher)) ** 2).flatten(1).mean(1)
-        w = 1 - anchored._weight(t)
-    assert float(la) == pytest.approx(float((w * want).mean()), rel=1e-5)
+    assert anchored.cfg.remember_weighting == "one"  # the default: every remember sample weighs 1
+    assert float(la) == pytest.approx(float(want.mean()), rel=1e-5)
 
 
 def test_teacher_is_a_frozen_copy_or_the_separate_base():

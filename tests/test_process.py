@@ -786,3 +786,45 @@ def test_demo_batch_handles_every_drawn_request_and_an_integrity_failure_moves_n
     else:
         assert v is None and out["status"] != "promoted"
     print(f"drawn seeds {DEMO_SEEDS}: {len(done)}/4 done; batch status {out['status']}")
+
+
+def test_anchored_replay_trains_each_request_with_the_done_ones_and_the_new_target_keeps_its_share(
+        tiny_model_dir, tmp_path, monkeypatch):
+    """anchored + continual.replay: the second batch's request trains with the first batch's done
+    requests (regenerated from their seeds) in its forget set, sampled at replay_share; with replay
+    off, only its own target."""
+    from ray_unlearn import engine
+
+    seen = []
+    real_prepare = engine.prepare
+
+    def prepare(cfg, *a, **kw):
+        prep = real_prepare(cfg, *a, **kw)
+        seen.append(prep)
+        return prep
+
+    monkeypatch.setattr(engine, "prepare", prepare)
+    store, uri, name = tmp_path / "store", f"sqlite:///{tmp_path}/mlflow.db", "tiny"
+    cfg = tiny_config(tiny_model_dir, tmp_path)
+    first = submit(store, [11, 12])
+    out, lines = _process(store, cfg, uri, name, limit=10)
+    assert out.status == "promoted", lines
+    # in the first batch, the second request already replays the first (passed in this batch)
+    assert [t.spec.seed for t in seen[0].targets] == [11] and [t.spec.seed for t in seen[1].targets] == [11, 12]
+    assert seen[1].forget_weights.tolist() == pytest.approx([0.5, 0.5])
+    seen.clear()
+    later = submit(store, [21])
+    out2, lines2 = _process(store, cfg, uri, name, overrides=["continual.replay_share=0.25"])
+    assert out2.status == "promoted" and any("anchored replay: 2 earlier" in line for line in lines2), lines2
+    prep = seen[0]
+    assert [t.spec.seed for t in prep.targets] == [11, 12, 21]
+    assert prep.forget_weights.tolist() == pytest.approx([0.125, 0.125, 0.75])
+    # the earlier targets are the base model's outputs for their seeds, not the purged pictures
+    assert prep.targets[0].spec.image is None and prep.targets[2].spec.image is not None
+    rec = Queue(open_store(store)).get(later[0])
+    assert rec.state == "done" and rec.evidence["strategy"] == "anchored"
+    seen.clear()
+    submit(store, [31])
+    out3, _ = _process(store, cfg, uri, name, overrides=["continual.replay=false"])
+    assert [t.spec.seed for t in seen[0].targets] == [31] and seen[0].forget_weights is None
+    assert first and out3.status == "promoted"

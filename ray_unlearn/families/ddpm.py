@@ -29,7 +29,7 @@ from ray_unlearn.families.base import DiffusionFamily
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 # The shipped unconditional demo models, by the name `model.path` takes; "demo" is the default one.
 DEMO_DIRS = {"demo-lfw": ASSETS / "demo-lfw32", "demo-faces": ASSETS / "demo-faces32"}
-DEMO_DIRS[DEMO_MODEL] = DEMO_DIRS["demo-lfw"]
+DEMO_DIRS[DEMO_MODEL] = DEMO_DIRS["demo-faces"]
 DEMO_DIR = DEMO_DIRS[DEMO_MODEL]
 # DDIM steps of the reference sampler (the paper evaluates with DDIM, 50 steps)
 REFERENCE_DDIM_STEPS = 50

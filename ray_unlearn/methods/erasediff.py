@@ -76,7 +76,7 @@ class EraseDiff(Method):
     config = EraseDiffConfig
     # The seed paper (V-A): EraseDiff trained 60 steps at the baselines' learning rate; the reference's
     # optimizer is Adam (cifar10_erasediff.yml), gradient clipping 1.0 (the loop's default).
-    presets = {"paper": {"train.steps": 60, "train.lr": BASELINE_LR, "train.optimizer": "adam"}}
+    presets = {"paper": {"train.extra_rounds": 0, "train.steps": 60, "train.lr": BASELINE_LR, "train.optimizer": "adam"}}
     cfg: EraseDiffConfig
 
     def timesteps(self, n: int, gen: torch.Generator, t_min: int = 0) -> torch.Tensor:

@@ -33,7 +33,7 @@ class NegGrad(Method):
     name = "neggrad"
     config = NegGradConfig
     # The seed paper (V-A): NegGrad trained for 10 steps at the baselines' learning rate.
-    presets = {"paper": {"train.steps": 10, "train.lr": BASELINE_LR, "train.optimizer": "adam"}}
+    presets = {"paper": {"train.extra_rounds": 0, "train.steps": 10, "train.lr": BASELINE_LR, "train.optimizer": "adam"}}
 
     def forget_loss(self, batch, gen):
         part = batch["forget"]

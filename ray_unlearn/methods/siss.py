@@ -104,7 +104,7 @@ class SISS(Method):
     presets = {"paper": {
         "train.steps": 60, "train.batch_forget": 4, "train.batch_remember": 4, "train.grad_accum": 16,
         "train.lr": 5e-6, "train.optimizer": "adamw", "train.weight_decay": 1e-6, "train.max_grad_norm": 1.0,
-        "train.betas": (0.95, 0.999),
+        "train.betas": (0.95, 0.999), "train.extra_rounds": 0,
         "method.t_fixed": 999, "method.forget_norm": "reference", "method.forget_grad_norm": 500.0,
     }}
     cfg: SISSConfig

@@ -201,6 +201,8 @@ class Batch:
                 self._start_merge()
             elif self.strategy == "joint":
                 self._start_joint()
+            elif self.strategy == "anchored" and self.cfg.continual.replay:
+                self._start_replay()
         except MetricUnavailable as err:
             raise BatchAborted(f"a metric the gates need is unavailable: {err}") from None
         self._start_run()
@@ -325,6 +327,26 @@ class Batch:
         logger.info("joint: %d earlier request(s) along the lineage join the training set (%d from their seed)",
                     len(self.earlier_specs), sum(s.seed is not None for s in self.earlier_specs))
 
+    def _start_replay(self) -> None:
+        """anchored replay: the lineage's done requests as forget targets, regenerated from the base
+        by their seed, or their kept picture; one whose picture is gone is skipped (it stays
+        re-verified on every version, as without replay)."""
+        skipped = 0
+        for rid, e in self.earlier_evidence.items():
+            if e.get("seed") is not None:
+                self.earlier_specs.append(TargetSpec(seed=int(e["seed"]), prompt=e.get("prompt")))
+                continue
+            try:
+                png = self.ctx.queue.read_image(rid)
+            except (RequestError, NotFoundError, StorageError):
+                skipped += 1
+                continue
+            path = self.tmp / f"earlier-{rid}.png"
+            path.write_bytes(png)
+            self.earlier_specs.append(TargetSpec(image=str(path), prompt=e.get("prompt")))
+        logger.info("anchored replay: %d earlier request(s) join each request's forget set%s", len(self.earlier_specs),
+                    f" ({skipped} without seed or picture left out)" if skipped else "")
+
     def _request_cfg(self, targets: list[TargetSpec]):
         """The batch's settings for one training: its targets, the remember term resolved for the strategy."""
         return self.cfg.model_copy(update={
@@ -384,7 +406,9 @@ class Batch:
         except (RequestError, NotFoundError, StorageError) as err:
             self.moves.fail(rec.id, f"its image cannot be used: {err}")
             return
-        cfg = self._request_cfg([TargetSpec(image=str(path), seed=rec.seed, prompt=rec.prompt)])
+        earlier = self._replayed()
+        cfg = self._request_cfg([*earlier, TargetSpec(image=str(path), seed=rec.seed, prompt=rec.prompt)])
+        k = len(earlier)
         snap = self._snapshot()
         trainer = self.family
         if self.strategy == "merge":  # each request alone from the base
@@ -393,12 +417,15 @@ class Batch:
         try:
             prep = engine.prepare(cfg, trainer, reference=self.ref, base=self.base)
             prep.pull = self._pull(trainer)
-            emb = self.metrics.sscd_embed(torch.cat([prep.targets[0].image[None].cpu(), prep.target_base.cpu()]))
+            if k:  # anchored replay: the new target keeps 1 - replay_share of every forget batch
+                share = self.cfg.continual.replay_share
+                prep.forget_weights = torch.tensor([share / k] * k + [1.0 - share])
+            emb = self.metrics.sscd_embed(torch.cat([prep.targets[k].image[None].cpu(), prep.target_base[k:].cpu()]))
             sscd_base = float(emb[0] @ emb[1])
             go, override = self._produced(rec, sscd_base)
             if not go:
                 return
-            measured = self._train_and_measure(prep, [(rec, 0, emb[0], emb[1])])[0]
+            measured = self._train_and_measure(prep, [(rec, k, emb[0], emb[1])])[0]
         except MetricUnavailable as err:
             self._restore(snap)
             raise BatchAborted(f"a metric the gates need is unavailable: {err}") from None
@@ -414,6 +441,14 @@ class Batch:
             path.unlink(missing_ok=True)  # the picture lives in memory from here on
         if self._gates(rec, measured, sscd_base, snap):
             self._accept(rec, measured, sscd_base, started, override)
+
+    def _replayed(self) -> list[TargetSpec]:
+        """anchored replay (continual.replay): the lineage's done requests and those passed in this
+        batch, as forget targets for the next request (regenerated from the base by their seed)."""
+        if self.strategy != "anchored" or not self.cfg.continual.replay:
+            return []
+        passed = [TargetSpec(seed=r.seed, prompt=r.prompt) for r, _ in self.passed if r.seed is not None]
+        return [*self.earlier_specs, *passed]
 
     def _produced(self, rec: RequestRecord, sscd_base: float) -> tuple[bool, dict | None]:
         """Gate 0, before any training: the base model must produce the picture (its output for the

@@ -1,0 +1,52 @@
+"""train.extra_rounds: more rounds of `steps` while a target's output is still at or above the forget
+threshold, and the steps trained in the report."""
+
+import pytest
+
+from ray_unlearn import engine
+from ray_unlearn.config import load_config
+
+
+def _prep(model_dir, tmp_path, *sets):
+    cfg = load_config(None, [f"model.path={model_dir}", f"cache_dir={tmp_path / 'cache'}", "targets=[{seed: 3}]",
+                             "sampler.steps=2", "remember.n=4", "eval.n_integrity=2", "eval.fid=false",
+                             "surrogate.kind=flip", "train.steps=2", "train.device=cpu", *sets])
+    return engine.prepare(cfg)
+
+
+def test_rounds_continue_while_the_target_is_kept_and_stop_once_it_is_forgotten(tiny_model_dir, tmp_path, monkeypatch):
+    # a threshold no output can get under: every extra round runs, and the config's steps are restored
+    prep = _prep(tiny_model_dir, tmp_path, "eval.threshold=fixed", "eval.fixed_threshold=1e-6", "train.extra_rounds=2")
+    loop = engine.train(prep, progress=False)
+    assert prep.steps_trained == loop.step_count == 6 and loop.cfg.steps == 2
+    assert engine.targets_forgotten(prep, 6) is False
+    # forgotten after the second round: it stops there
+    answers = iter([False, True])
+    monkeypatch.setattr(engine, "targets_forgotten", lambda prep, steps: next(answers))
+    prep = _prep(tiny_model_dir, tmp_path, "train.extra_rounds=5")
+    assert engine.train(prep, progress=False).step_count == 4 and prep.steps_trained == 4
+
+    def never(prep, steps):
+        raise AssertionError("checked without extra rounds")
+
+    monkeypatch.setattr(engine, "targets_forgotten", never)  # 0 rounds: exactly `steps`, no check
+    prep = _prep(tiny_model_dir, tmp_path, "train.extra_rounds=0")
+    assert engine.train(prep, progress=False).step_count == 2
+
+
+def test_an_untouched_model_still_makes_its_target_and_the_report_has_the_steps(tiny_model_dir, tmp_path):
+    prep = _prep(tiny_model_dir, tmp_path, "eval.threshold=fixed", "eval.fixed_threshold=0.99999", "train.extra_rounds=0")
+    assert engine.targets_forgotten(prep, 0) is False  # its output for the seed is the target itself
+    engine.train(prep, progress=False)
+    result, _, _ = engine.judge(prep, progress=False)
+    assert result["steps_trained"] == prep.steps_trained == 2
+
+
+def test_paper_presets_train_exactly_their_steps():
+    from ray_unlearn.methods import METHODS
+
+    for m in METHODS:
+        assert load_config(None, [f"method.name={m}"], preset="paper").train.extra_rounds == 0
+    assert load_config(None, []).train.extra_rounds == 2
+    with pytest.raises(Exception, match="extra_rounds"):
+        load_config(None, ["train.extra_rounds=-1"])
