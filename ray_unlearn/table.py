@@ -114,7 +114,7 @@ def _summary_of(result: dict, cfg: UnlearnConfig, seconds: float) -> dict:
         "integrity_ok": integ.get("ok"), "unavailable": integ.get("unavailable") or {},
         "specificity": {k: v for k, v in (result.get("specificity") or {}).items() if isinstance(v, (int, float))},
         "threshold": (result.get("forget_threshold") or {}).get("value"),
-        "surrogate": (result.get("surrogates") or [None])[0],
+        "surrogate": (result.get("surrogates") or [None])[0], "steps_trained": result.get("steps_trained"),
         "train": cfg.train.model_dump(mode="json"), "method": cfg.method.model_dump(mode="json"),
         "seconds": round(seconds, 1),
     }

@@ -110,7 +110,7 @@ def test_demo_end_to_end_surrogate_forgets_neggrad_damages(tmp_path):
         "import torch; from diffusers import DDPMPipeline\n"
         f"p = DDPMPipeline.from_pretrained({str(tmp_path / 'ours' / 'hotfix')!r})\n"
         "img = p(batch_size=2, num_inference_steps=10, generator=torch.manual_seed(0), output_type='np').images\n"
-        "assert img.shape == (2, 32, 32, 1) and img.std() > 0.05, img.shape\nprint('generated', img.shape)\n"
+        "assert img.shape == (2, 32, 32, 3) and img.std() > 0.05, img.shape\nprint('generated', img.shape)\n"
     )
     res = procs.run([sys.executable, "-c", code], timeout=300)
     assert res.returncode == 0 and "generated" in res.stdout, res.stderr[-2000:]

@@ -48,10 +48,11 @@ def test_loads_hub_id_from_local_cache(tiny_model_dir, tmp_path, monkeypatch):
 
 
 def test_shipped_demo_models_load_by_name(monkeypatch):
-    """`model.path` takes each shipped name; the LFW model is grey, the drawn-faces model RGB."""
+    """`model.path` takes each shipped name ('demo' is the drawn-faces model); the LFW model is grey,
+    the drawn-faces model RGB."""
     from ray_unlearn.families import ddpm
 
-    assert family("demo").fingerprint() == family("demo-lfw").fingerprint()
+    assert family("demo").fingerprint() == family("demo-faces").fingerprint() != family("demo-lfw").fingerprint()
     faces = family("demo-faces")
     assert faces.channels == 3 and faces.size == (32, 32) and family("demo-lfw").channels == 1
     monkeypatch.setitem(ddpm.DEMO_DIRS, "demo-faces", ddpm.ASSETS / "not-there")
