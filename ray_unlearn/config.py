@@ -320,8 +320,9 @@ class ContinualConfig(_Strict):
 
     # "anchored": its remember term is the one measured on single requests (8 drawn seeds: integrity SSIM
     # 0.62 -> 0.75, docs/benchmarks.md "Anchored remember term"), and it keeps training cost per request
-    # flat. The continual benchmark (`jobs/benchmark.py --continual`) that ranks the four has not run to
-    # the end yet (about 2 h per strategy on 2 CPU cores); its ranking decides the default.
+    # flat. On demo-faces, 20 requests in a row (with replay): 4 done, final SSIM 0.84, every done one
+    # still forgotten (docs/benchmarks.md "Continual benchmark"); the other strategies are not all
+    # measured to the end yet.
     strategy: Literal["sequential", "anchored", "joint", "merge"] = Field(
         "anchored",
         description="'sequential': each request trains on top of the current weights and remember.target 'auto' "
