@@ -309,21 +309,13 @@ class Batch:
         """The lineage's requests as targets: regenerated from the base by their seed, or their
         kept picture (a seedless request whose picture is gone stops the batch)."""
         self._built_by_batches()
-        for rid, e in self.earlier_evidence.items():
-            if e.get("seed") is not None:
-                self.earlier_specs.append(TargetSpec(seed=int(e["seed"]), prompt=e.get("prompt")))
-                continue
-            try:
-                png = self.ctx.queue.read_image(rid)
-            except (RequestError, NotFoundError, StorageError):
-                raise BatchAborted(
-                    f"continual.strategy=joint retrains every request along the lineage from the base model, but "
-                    f"request {rid} has no seed and its picture was purged (retention delete): it cannot be "
-                    "retrained; use continual.strategy=anchored or merge for this lineage, or keep pictures "
-                    "(--retention keep) from the first batch on") from None
-            path = self.tmp / f"earlier-{rid}.png"
-            path.write_bytes(png)
-            self.earlier_specs.append(TargetSpec(image=str(path), prompt=e.get("prompt")))
+        gone = self._lineage_specs()
+        if gone:
+            raise BatchAborted(
+                f"continual.strategy=joint retrains every request along the lineage from the base model, but "
+                f"request {gone[0]} has no seed and its picture was purged (retention delete): it cannot be "
+                "retrained; use continual.strategy=anchored or merge for this lineage, or keep pictures "
+                "(--retention keep) from the first batch on")
         logger.info("joint: %d earlier request(s) along the lineage join the training set (%d from their seed)",
                     len(self.earlier_specs), sum(s.seed is not None for s in self.earlier_specs))
 
@@ -331,7 +323,14 @@ class Batch:
         """anchored replay: the lineage's done requests as forget targets, regenerated from the base
         by their seed, or their kept picture; one whose picture is gone is skipped (it stays
         re-verified on every version, as without replay)."""
-        skipped = 0
+        skipped = len(self._lineage_specs())
+        logger.info("anchored replay: %d earlier request(s) join each request's forget set%s", len(self.earlier_specs),
+                    f" ({skipped} without seed or picture left out)" if skipped else "")
+
+    def _lineage_specs(self) -> list[str]:
+        """The lineage's done requests as targets into self.earlier_specs: by their seed (the base
+        regenerates them), else their kept picture. Returns the ids of those with neither."""
+        gone = []
         for rid, e in self.earlier_evidence.items():
             if e.get("seed") is not None:
                 self.earlier_specs.append(TargetSpec(seed=int(e["seed"]), prompt=e.get("prompt")))
@@ -339,13 +338,12 @@ class Batch:
             try:
                 png = self.ctx.queue.read_image(rid)
             except (RequestError, NotFoundError, StorageError):
-                skipped += 1
+                gone.append(rid)
                 continue
             path = self.tmp / f"earlier-{rid}.png"
             path.write_bytes(png)
             self.earlier_specs.append(TargetSpec(image=str(path), prompt=e.get("prompt")))
-        logger.info("anchored replay: %d earlier request(s) join each request's forget set%s", len(self.earlier_specs),
-                    f" ({skipped} without seed or picture left out)" if skipped else "")
+        return gone
 
     def _request_cfg(self, targets: list[TargetSpec]):
         """The batch's settings for one training: its targets, the remember term resolved for the strategy."""
