@@ -11,8 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args, timeout=900, cwd=None):
+def cli(*args, timeout=900, cwd=None, threads=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if threads is not None:  # the docs' figures were measured at one thread: sums in another order differ
+        env["OMP_NUM_THREADS"] = str(threads)
     return procs.run([sys.executable, "-m", "ray_unlearn.cli", *map(str, args)], timeout=timeout, env=env, cwd=cwd)
 
 
@@ -85,7 +87,8 @@ def test_image_target_and_bad_inputs(tiny_model_dir, tmp_path):
 def test_demo_end_to_end_surrogate_forgets_neggrad_damages(tmp_path):
     """The acceptance run on the shipped demo model through the real CLI."""
     cache = ["--set", f"cache_dir={tmp_path / 'cache'}"]
-    ours = cli("unlearn", "--target-seed", "7", "--out", tmp_path / "ours", "--json", *cache)
+    # seed 7 at the defaults ends 0.002 under the threshold (docs/benchmarks.md): run as measured
+    ours = cli("unlearn", "--target-seed", "7", "--out", tmp_path / "ours", "--json", *cache, threads=1)
     assert ours.returncode == 0, ours.stderr[-3000:]
     r = json.loads(ours.stdout)
     (row,) = r["targets"]
@@ -100,7 +103,8 @@ def test_demo_end_to_end_surrogate_forgets_neggrad_damages(tmp_path):
                                     and spec["collateral"] <= r["integrity"]["max_collateral"])
     assert r["passed"] == (row["forgotten"] and r["integrity"]["ok"])
     neg = cli("unlearn", "--target-seed", "7", "--method", "neggrad", "--out", tmp_path / "neg", "--json", *cache,
-              "--set", f"train.steps={r['config']['train']['steps']}", "--set", f"train.lr={r['config']['train']['lr']}")
+              "--set", f"train.steps={r['config']['train']['steps']}", "--set", f"train.lr={r['config']['train']['lr']}",
+              threads=1)
     assert neg.returncode == 0, neg.stderr[-3000:]
     n = json.loads(neg.stdout)
     assert n["integrity"]["ssim"] < r["integrity"]["ssim"]

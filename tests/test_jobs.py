@@ -26,7 +26,8 @@ def tiny_config(model_dir: Path, tmp_path: Path, steps: int = 4) -> Path:
         "remember": {"n": 4},
         "eval": {"n_integrity": 4},
         "cache_dir": str(tmp_path / "cache"),
-        "train": {"batch_forget": 2, "batch_remember": 2, "steps": steps, "device": "cpu"},
+        # exactly `steps`: the job's step and checkpoint accounting is under test (extra rounds: test_rounds.py)
+        "train": {"batch_forget": 2, "batch_remember": 2, "steps": steps, "device": "cpu", "extra_rounds": 0},
         "targets": [{"seed": 3}],
     }
     path = tmp_path / "tiny.yaml"

@@ -33,6 +33,7 @@ def tiny_cfg(model_dir, tmp_path, steps=4):
         f"model.path={model_dir}", "sampler.steps=4", "remember.n=4", "eval.n_integrity=4",
         f"cache_dir={tmp_path / 'cache'}", "train.batch_forget=2", "train.batch_remember=2",
         f"train.steps={steps}", "train.device=cpu",
+        "train.extra_rounds=0",  # exactly `steps`: step counts and checkpoints are under test (rounds: test_rounds.py)
     ], base={"targets": [{"seed": 3}]})
 
 
