@@ -103,6 +103,8 @@ def demo_config(tmp_path: Path, **over) -> Path:
 
     data: dict = {}
     values = {**demo_run_values(tmp_path / "demo"), "cache_dir": str(tmp_path / "cache"), **over}
+    if over.get("method.name", "surrogate") != "surrogate":  # the surrogate method's knobs are not another's
+        values = {k: v for k, v in values.items() if not k.startswith("method.") or k == "method.name"}
     for key, value in values.items():
         node = data
         *parents, leaf = key.split(".")

@@ -49,6 +49,8 @@ def tiny_cfg(model_dir, tmp_path):
         f"model.path={model_dir}", "sampler.steps=4", "remember.n=4", "eval.n_integrity=6",
         f"cache_dir={tmp_path / 'cache'}", "train.batch_forget=2", "train.batch_remember=2", "train.device=cpu",
         "eval.threshold=fixed", "eval.fixed_threshold=0.995", "eval.min_integrity_ssim=0.0",
+        # a random tiny model's outputs all move alike: no specificity rule, no collateral bound
+        "eval.specificity_percentile=null", "eval.max_collateral=1.0",
     ], base={"targets": [{"seed": 3}]})
 
 
