@@ -49,8 +49,10 @@ def tiny_cfg(model_dir, tmp_path):
         f"model.path={model_dir}", "sampler.steps=4", "remember.n=4", "eval.n_integrity=6",
         f"cache_dir={tmp_path / 'cache'}", "train.batch_forget=2", "train.batch_remember=2", "train.device=cpu",
         "eval.threshold=fixed", "eval.fixed_threshold=0.995", "eval.min_integrity_ssim=0.0",
-        # a random tiny model's outputs all move alike: no specificity rule, no collateral bound
-        "eval.specificity_percentile=null", "eval.max_collateral=1.0",
+        # the loss and surrogate the tiny front was built with (the paper's: 1 - lambda_t, beta 2, a fixed
+        # SDEdit strength, exactly `steps`); with the remember term at full weight a random tiny UNet's
+        # target moves no more than its other outputs, and no trial is specific
+        "method.remember_weighting=complement", "method.beta=2.0", "surrogate.adapt=false", "train.extra_rounds=0",
     ], base={"targets": [{"seed": 3}]})
 
 
