@@ -192,6 +192,7 @@ class Prepared:
     surrogate_info: list[dict] | None = None  # adaptive SDEdit's choice per target (surrogates.adaptive_sdedit)
     steps_trained: int | None = None  # set by `train` (train.extra_rounds may add rounds)
     forget_weights: torch.Tensor | None = None  # per target sampling weight (anchored replay); None: uniform
+    round_check: tuple | None = None  # (Metrics, threshold) of train.extra_rounds' test, made on first use
 
     def data(self) -> UnlearnData:
         f = self.family
@@ -289,7 +290,7 @@ def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state
         if k > 0:
             if targets_forgotten(prep, loop.step_count):
                 break
-            loop.cfg = c.model_copy(update={"steps": c.steps * (k + 1)})
+            loop.cfg = c.model_copy(update={"steps": c.steps + k * (c.round_steps or c.steps)})
         if loop.step_count < loop.cfg.steps:
             loop.run(run_report, progress=progress)
     loop.cfg = c
@@ -298,23 +299,27 @@ def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state
 
 
 def targets_forgotten(prep: Prepared, steps: int) -> bool:
-    """Whether every target's current output is below the forget threshold (one sample per target,
-    SSCD to the target's picture; the threshold calibrated as the verdict's): train.extra_rounds'
-    test. Unmeasurable (no SSCD model) counts as forgotten: no extra round."""
+    """Whether every target's current output is below the forget threshold minus
+    `train.round_margin` (one sample per target, SSCD to the target's picture; the threshold
+    calibrated as the verdict's): train.extra_rounds' test. Unmeasurable (no SSCD model) counts as
+    forgotten: no extra round. The SSCD model and the threshold are computed once per run."""
     from ray_unlearn.metrics import MetricUnavailable
 
     fam, cfg = prep.family, prep.cfg
     try:
-        metrics = build_metrics(cfg, fam.device)
-        threshold = ev.calibrate_threshold(cfg.eval, metrics, prep.remember)["value"]
+        if prep.round_check is None:
+            metrics = build_metrics(cfg, fam.device)
+            prep.round_check = (metrics, ev.calibrate_threshold(cfg.eval, metrics, prep.remember)["value"])
+        metrics, threshold = prep.round_check
         new = ev.model_outputs_for_targets(fam, prep.targets)
         sim = metrics.sscd(torch.stack([t.image for t in prep.targets]).to(new.device), new)
     except MetricUnavailable as err:
         log.warning("train.extra_rounds needs SSCD (%s): no extra round", err)
         return True
-    done = bool((sim < threshold).all())
-    log.info("after %d steps: target SSCD %s (threshold %.3f)%s", steps,
-             ", ".join(f"{float(v):.3f}" for v in sim), threshold, "" if done else ": another round")
+    bar = threshold - cfg.train.round_margin
+    done = bool((sim < bar).all())
+    log.info("after %d steps: target SSCD %s (threshold %.3f, rounds stop below %.3f)%s", steps,
+             ", ".join(f"{float(v):.3f}" for v in sim), threshold, bar, "" if done else ": another round")
     return done
 
 

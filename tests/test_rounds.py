@@ -50,3 +50,29 @@ def test_paper_presets_train_exactly_their_steps():
     assert load_config(None, []).train.extra_rounds == 2
     with pytest.raises(Exception, match="extra_rounds"):
         load_config(None, ["train.extra_rounds=-1"])
+
+
+def test_short_rounds_add_round_steps_each(tiny_model_dir, tmp_path):
+    # train.round_steps: the first round is `steps`, every extra round `round_steps`
+    prep = _prep(tiny_model_dir, tmp_path, "eval.threshold=fixed", "eval.fixed_threshold=1e-6", "train.extra_rounds=3",
+                 "train.round_steps=1")
+    loop = engine.train(prep, progress=False)
+    assert prep.steps_trained == loop.step_count == 2 + 3 * 1 and loop.cfg.steps == 2
+
+
+def test_the_round_margin_keeps_a_target_just_under_the_threshold_training(tiny_model_dir, tmp_path, monkeypatch):
+    prep = _prep(tiny_model_dir, tmp_path)
+    metrics = engine.build_metrics(prep.cfg)
+    picture = prep.targets[0].image
+    other = picture.flip(-1).roll(7, dims=-2)  # another picture, whatever its SSCD to the target
+    sim = float(metrics.sscd(picture[None], other[None])[0])
+    assert 0.0 < sim < 0.95
+    monkeypatch.setattr(engine.ev, "model_outputs_for_targets", lambda fam, targets: other[None].to(fam.device))
+    at = f"eval.fixed_threshold={sim + 0.02:.6f}"  # the output is 0.02 under the threshold
+    prep = _prep(tiny_model_dir, tmp_path, "eval.threshold=fixed", at)
+    assert engine.targets_forgotten(prep, 0) is True
+    prep = _prep(tiny_model_dir, tmp_path, "eval.threshold=fixed", at, "train.round_margin=0.05")
+    assert engine.targets_forgotten(prep, 0) is False  # not 0.05 under: another round
+    assert prep.round_check is not None  # the SSCD model and threshold are kept for the next round
+    with pytest.raises(Exception, match="round_margin"):
+        load_config(None, ["train.round_margin=-0.1"])

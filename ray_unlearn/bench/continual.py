@@ -205,28 +205,33 @@ def render_markdown(seeds: list[int], runs: dict[str, list[dict]], summaries: di
             f"| {_f(m['final_ssim'])} | {_f(m['final_fid'], 1)} | {_f(m['fid_ratio'], 2)} "
             f"| {'yes' if m['all_done_forgotten'] else 'no'} ({m['still_forgotten']}/{m['done']}) "
             f"| {_f(m['train_mean_first'], 1)} | {_f(m['train_mean_last'], 1)} | {_f(m['wall_seconds'] / 60, 1)} |")
-    lines += ["", "SSIM and FID: the serving model after the request against the base model, on the integrity "
+    lines += ["", "SSIM, FID and collateral (unrelated outputs below the forget threshold): the serving model after the request against the base model, on the integrity "
               "seeds (1.000: no version yet, the base serves); own SSIM: the request's hotfix before its gates, a "
               "refused one's included. The FID ratio divides the final FID by that of the first version (the first "
               "done request, made alone on the base); train s: mean training seconds over the first / last 5 "
               "requests that trained to a version.", ""]
     for s, rows in runs.items():
-        lines += [f"## {s}", "", "| # | seed | result | request: SSCD base -> new, own SSIM | SSIM | FID | still forgotten / done "
-                  "| wall s | train s |", "|" + "---|" * 9]
+        lines += [f"## {s}", "", "| # | seed | result | request: SSCD base -> new, own SSIM | SSIM | FID | collateral "
+                  "| still forgotten / done | wall s | train s |", "|" + "---|" * 10]
         by_seed = {r["seed"]: r for r in rows}
         for i, seed in enumerate(seeds, 1):
             r = by_seed.get(seed)
             if r is None:
-                lines.append(f"| {i} | {seed} | not run | | | | | | |")
+                lines.append(f"| {i} | {seed} | not run | | | | | | | |")
                 continue
             req = r.get("request") or {}
             sscd = (f"{_f(req.get('sscd_base'))} -> {_f(req.get('sscd_new'))}, SSIM {_f(req.get('integrity_ssim'))}"
                     if req.get("sscd_base") is not None else "n/a")
             lines.append(f"| {i} | {seed} | {_result_cell(r)} | {sscd} | {_f(model_ssim(r))} "
-                         f"| {_f((r.get('model') or {}).get('fid'), 1)} | {r['n_forgotten']}/{r['n_done']} "
+                         f"| {_f((r.get('model') or {}).get('fid'), 1)} | {_pct((r.get('model') or {}).get('collateral'))} "
+                         f"| {r['n_forgotten']}/{r['n_done']} "
                          f"| {_f(r.get('wall_seconds'), 1)} | {_f(r.get('train_seconds'), 1)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
 
 
 def print_summary(summaries: dict[str, dict], single: bool = False) -> None:

@@ -26,6 +26,10 @@ DEMO_SETTINGS = {
     # remember weight 'one' were chosen on demo-faces and are not measured on the flag model
     "method.beta": 2.0,
     "method.remember_weighting": "complement",
+    # and its training: 100 steps, then up to 2 more rounds of 100 while the flag is still drawn
+    "train.extra_rounds": 2,
+    "train.round_steps": 100,
+    "train.round_margin": 0.0,
 }
 
 

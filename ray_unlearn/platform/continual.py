@@ -192,7 +192,7 @@ def run_request(strategy: str, i: int, seed: int, picture: Path, overrides: list
         "attempt_train_seconds": ev.get("train_seconds", (ev.get("last_attempt") or {}).get("train_seconds")),
         "new_version": made is not None,
         "version": serving.version if serving is not None else None,
-        "model": {k: integrity.get(k) for k in ("ssim", "lpips", "fid", "n")} if serving is not None else None,
+        "model": {k: integrity.get(k) for k in ("ssim", "lpips", "fid", "n", "collateral")} if serving is not None else None,
         "reverified": [{k: v.get(k) for k in ("id", "sscd", "threshold", "forgotten", "artifact", "why")}
                        for v in reverified],
         "n_done": len(queue.list("done")),

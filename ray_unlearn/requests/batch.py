@@ -715,6 +715,8 @@ class Batch:
         figures = ev.integrity_figures(self.metrics, self.integrity_base, integrity_new, fid=cfg.eval.fid)
         figures.update(min_ssim=cfg.eval.min_integrity_ssim)
         figures["ok"] = figures["ssim"] is not None and figures["ssim"] >= cfg.eval.min_integrity_ssim
+        if self.spec_last is not None:  # the last passed request's figures are the final weights' (vs the base)
+            figures["collateral"] = self.spec_last["collateral"]
         if not figures["ok"]:
             figures["why"] = f"SSIM {figures['ssim']} below {cfg.eval.min_integrity_ssim}"
         if self.groups:  # each prompt apart again, on the final weights' samples (its gate as a request's)
@@ -763,7 +765,7 @@ class Batch:
                             base_model=cfg.model.path, config_uri=ctx.store.uri(config_key),
                             manifest=ctx.store.uri(ctx.lineage.manifest_key(self.id)),
                             reverified=f"{self.n_ok}/{len(rows)}")
-        integrity = {**{k: figures.get(k) for k in ("ssim", "lpips", "fid", "n")}, "min": figures["min_ssim"]}
+        integrity = {**{k: figures.get(k) for k in ("ssim", "lpips", "fid", "n", "collateral")}, "min": figures["min_ssim"]}
         if figures.get("prompts"):
             integrity["prompts"] = figures["prompts"]
         evidence = {}
