@@ -247,8 +247,9 @@ class TrainConfig(_Strict):
         "(`steps_trained`).",
     )
     round_steps: int | None = Field(
-        10, ge=1, description="Steps of each extra round; null = `steps`. Short rounds stop a target as soon as it "
-        "is forgotten (each check costs one sample per target): every step past that moves unrelated outputs too.",
+        None, ge=1, description="Steps of each extra round; null = half of `steps` (10 at the defaults). Short rounds "
+        "stop a target soon after it is forgotten (each check costs one sample per target): every step past that "
+        "moves unrelated outputs too.",
     )
     round_margin: float = Field(
         0.03, ge=0.0, le=0.5, description="The rounds' test counts a target as forgotten only below the forget "

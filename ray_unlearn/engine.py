@@ -290,7 +290,7 @@ def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state
         if k > 0:
             if targets_forgotten(prep, loop.step_count):
                 break
-            loop.cfg = c.model_copy(update={"steps": c.steps + k * (c.round_steps or c.steps)})
+            loop.cfg = c.model_copy(update={"steps": c.steps + k * (c.round_steps or max(1, c.steps // 2))})
         if loop.step_count < loop.cfg.steps:
             loop.run(run_report, progress=progress)
     loop.cfg = c

@@ -16,15 +16,16 @@ def _prep(model_dir, tmp_path, *sets):
 
 def test_rounds_continue_while_the_target_is_kept_and_stop_once_it_is_forgotten(tiny_model_dir, tmp_path, monkeypatch):
     # a threshold no output can get under: every extra round runs, and the config's steps are restored
-    prep = _prep(tiny_model_dir, tmp_path, "eval.threshold=fixed", "eval.fixed_threshold=1e-6", "train.extra_rounds=2")
+    prep = _prep(tiny_model_dir, tmp_path, "eval.threshold=fixed", "eval.fixed_threshold=1e-6", "train.extra_rounds=2",
+                 "train.round_steps=2")
     loop = engine.train(prep, progress=False)
     assert prep.steps_trained == loop.step_count == 6 and loop.cfg.steps == 2
     assert engine.targets_forgotten(prep, 6) is False
     # forgotten after the second round: it stops there
     answers = iter([False, True])
     monkeypatch.setattr(engine, "targets_forgotten", lambda prep, steps: next(answers))
-    prep = _prep(tiny_model_dir, tmp_path, "train.extra_rounds=5")
-    assert engine.train(prep, progress=False).step_count == 4 and prep.steps_trained == 4
+    prep = _prep(tiny_model_dir, tmp_path, "train.extra_rounds=5")  # rounds of half `steps` by default: 2 + 1
+    assert engine.train(prep, progress=False).step_count == 3 and prep.steps_trained == 3
 
     def never(prep, steps):
         raise AssertionError("checked without extra rounds")
@@ -47,7 +48,7 @@ def test_paper_presets_train_exactly_their_steps():
 
     for m in METHODS:
         assert load_config(None, [f"method.name={m}"], preset="paper").train.extra_rounds == 0
-    assert load_config(None, []).train.extra_rounds == 2
+    assert load_config(None, []).train.extra_rounds > 0
     with pytest.raises(Exception, match="extra_rounds"):
         load_config(None, ["train.extra_rounds=-1"])
 
@@ -69,7 +70,7 @@ def test_the_round_margin_keeps_a_target_just_under_the_threshold_training(tiny_
     assert 0.0 < sim < 0.95
     monkeypatch.setattr(engine.ev, "model_outputs_for_targets", lambda fam, targets: other[None].to(fam.device))
     at = f"eval.fixed_threshold={sim + 0.02:.6f}"  # the output is 0.02 under the threshold
-    prep = _prep(tiny_model_dir, tmp_path, "eval.threshold=fixed", at)
+    prep = _prep(tiny_model_dir, tmp_path, "eval.threshold=fixed", at, "train.round_margin=0")
     assert engine.targets_forgotten(prep, 0) is True
     prep = _prep(tiny_model_dir, tmp_path, "eval.threshold=fixed", at, "train.round_margin=0.05")
     assert engine.targets_forgotten(prep, 0) is False  # not 0.05 under: another round
