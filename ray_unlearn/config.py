@@ -129,10 +129,15 @@ class SamplerConfig(_Strict):
         "ODE) or 'sde-dpmsolver++' (its SDE form, noise seeded per sample). SDEdit (surrogates) always uses DDIM.",
     )
     steps: int = Field(50, ge=1, le=1000, description="Sampling steps (network evaluations per image).")
-    # eta 1: the small demo UNet leaves noise texture in some deterministic (eta=0) DDIM samples;
-    # stochastic DDIM washes it out. The eta noise is seeded per sample, so a seed still names one
-    # output, whatever batch it is drawn in.
-    eta: float = Field(1.0, ge=0.0, le=1.0, description="DDIM eta (0 = deterministic ODE sampler); kind=ddim only.")
+    # eta 0 (deterministic DDIM): a seed's output is then a smooth function of the weights. With
+    # eta 1 the per-step noise amplifies small weight changes: on demo-faces, random weight noise
+    # of 3-5% moved 17-22 of 32 unrelated outputs past the forget threshold in one draw at eta 1 and
+    # 0-5 at eta 0, and a target's SSCD jumped by +-0.05-0.1 between training rounds 10 steps apart
+    # (docs/benchmarks.md "Which sampler verifies"). Verify with the sampler the model is served
+    # with. demo-lfw needs eta 1: its small UNet leaves noise texture in some eta-0 samples. The eta
+    # noise is seeded per sample, so a seed names one output, whatever batch it is drawn in.
+    eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta (0 = deterministic ODE sampler, the default; 1 = "
+                       "stochastic, needed by demo-lfw); kind=ddim only. Verify with the sampler you serve with.")
     batch_size: int = Field(32, ge=1, description="Images per sampling batch.")
     compile: bool = Field(False, description="torch.compile the UNet for sampling (pays off on GPUs over many batches).")
 
