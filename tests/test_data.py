@@ -89,7 +89,8 @@ def _mean_gap(a, b):  # a stand-in similarity: 1 - mean |a - b| per pair (the re
 
 def test_adaptive_sdedit_climbs_the_ladder_until_the_surrogate_is_below_the_threshold(fam):
     x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    cfg = SurrogateConfig(strength=0.2, strength_step=0.2, max_strength=1.0, tries=3)
+    # margin 0: the bound built below is the one the ladder compares with (the margin has its own test)
+    cfg = SurrogateConfig(strength=0.2, strength_step=0.2, max_strength=1.0, tries=3, margin=0.0)
     assert strength_ladder(cfg) == [0.2, 0.4, 0.6, 0.8, 1.0]
     assert strength_ladder(SurrogateConfig(strength=0.98)) == [0.98]
     per_strength = {s: _mean_gap(x[:1].expand(3, -1, -1, -1), fam.sdedit(x[:1].repeat(3, 1, 1, 1), s, 0)).min().item()
@@ -114,3 +115,17 @@ def test_adaptive_sdedit_climbs_the_ladder_until_the_surrogate_is_below_the_thre
     one = SurrogateConfig(strength=0.5, tries=1)
     out, info = adaptive_sdedit(fam, x[:1], one, _mean_gap, 2.0)
     assert info[0]["strengths_tried"] == 1 and torch.allclose(out, make_surrogates(fam, x[:1], one))
+
+
+def test_the_surrogate_margin_lowers_the_bound_the_ladder_must_get_under(fam):
+    x = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    cfg = SurrogateConfig(strength=0.2, strength_step=0.2, max_strength=1.0, tries=2, margin=0.0)
+    sims = [_mean_gap(x.expand(2, -1, -1, -1), fam.sdedit(x.repeat(2, 1, 1, 1), s, 0)).min().item()
+            for s in strength_ladder(cfg)]
+    first = sims[0]
+    _, (plain,) = adaptive_sdedit(fam, x, cfg, _mean_gap, first + 1e-3)  # the first rung is already under
+    margin = first + 1e-3 - min(sims) / 2 - first / 2  # a margin that takes the bound halfway to the lowest
+    _, (stricter,) = adaptive_sdedit(fam, x, cfg.model_copy(update={"margin": margin}), _mean_gap, first + 1e-3)
+    assert plain["strength"] == 0.2 and plain["strengths_tried"] == 1
+    assert stricter["bound"] == pytest.approx(first + 1e-3 - margin, abs=1e-4)
+    assert stricter["strength"] > 0.2 and stricter["sscd"] < stricter["bound"]
