@@ -263,6 +263,11 @@ class TrainConfig(_Strict):
         "threshold minus this margin, so a hotfix does not stop just under the threshold, where a later change "
         "can push it back. The verdict itself always uses the threshold.",
     )
+    round_lr_growth: float = Field(
+        1.0, ge=1.0, le=2.0, description="Each extra round trains at `lr` times this to the power of the round "
+        "(1.0 = the same lr throughout): a target that resists gets a stronger push, while an easy one, which stops "
+        "after a round or two, never sees it.",
+    )
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0)
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(

@@ -290,7 +290,10 @@ def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state
         if k > 0:
             if targets_forgotten(prep, loop.step_count):
                 break
-            loop.cfg = c.model_copy(update={"steps": c.steps + k * (c.round_steps or max(1, c.steps // 2))})
+            lr = c.lr * c.round_lr_growth ** k
+            loop.cfg = c.model_copy(update={"steps": c.steps + k * (c.round_steps or max(1, c.steps // 2)), "lr": lr})
+            for group in loop.optimizer.param_groups:
+                group["lr"] = lr
         if loop.step_count < loop.cfg.steps:
             loop.run(run_report, progress=progress)
     loop.cfg = c

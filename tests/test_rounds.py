@@ -77,3 +77,25 @@ def test_the_round_margin_keeps_a_target_just_under_the_threshold_training(tiny_
     assert prep.round_check is not None  # the SSCD model and threshold are kept for the next round
     with pytest.raises(Exception, match="round_margin"):
         load_config(None, ["train.round_margin=-0.1"])
+
+
+def test_each_extra_round_trains_at_a_grown_lr_and_the_config_is_restored(tiny_model_dir, tmp_path, monkeypatch):
+    from ray_unlearn.loop import UnlearnLoop
+
+    seen = []
+    real_run = UnlearnLoop.run
+
+    def run(self, report=None, progress=True):
+        seen.append((self.cfg.steps, self.cfg.lr, [g["lr"] for g in self.optimizer.param_groups]))
+        return real_run(self, report, progress)
+
+    monkeypatch.setattr(UnlearnLoop, "run", run)
+    prep = _prep(tiny_model_dir, tmp_path, "eval.threshold=fixed", "eval.fixed_threshold=1e-6", "train.extra_rounds=2",
+                 "train.round_steps=1", "train.lr=1e-4", "train.round_lr_growth=1.5")
+    loop = engine.train(prep, progress=False)
+    assert [s for s, _, _ in seen] == [2, 3, 4]
+    for (_, lr, groups), want in zip(seen, [1e-4, 1.5e-4, 2.25e-4]):
+        assert lr == pytest.approx(want) and all(g == pytest.approx(want) for g in groups)
+    assert loop.cfg.lr == 1e-4  # the config after training is the one asked for
+    with pytest.raises(Exception, match="round_lr_growth"):
+        load_config(None, ["train.round_lr_growth=0.5"])
