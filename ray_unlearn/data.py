@@ -146,6 +146,13 @@ class Target:
     image: torch.Tensor  # the output to forget, prepared for the model, [C,H,W] in [0,1]
     noise: torch.Tensor | None  # its initial noise when known (seed / noise file)
     spec: TargetSpec
+    # where training puts its sampling path when `noise` is unknown: the image's inversion
+    # (engine.path_starts); never used to judge it (the verdict SDEdits an image without noise)
+    inverted: torch.Tensor | None = None
+
+    @property
+    def path_start(self) -> torch.Tensor | None:
+        return self.noise if self.noise is not None else self.inverted
 
     @property
     def content_hash(self) -> str:

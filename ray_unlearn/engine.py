@@ -199,13 +199,24 @@ class Prepared:
         forget = torch.stack([t.image for t in self.targets])
         if not self.others:
             return UnlearnData(f.encode(forget).cpu(), f.encode(self.surrogates).cpu(), f.encode(self.remember).cpu(),
-                               forget_weights=self.forget_weights)
+                               forget_weights=self.forget_weights, **self._forget_noise())
         # other prompts join the remember set: every sample then carries its prompt's embeddings
         remember = torch.cat([self.remember, *(o["remember"] for o in self.others.values())])
         prompts = [f.prompt] * len(self.remember) + [p for p, o in self.others.items() for _ in range(len(o["remember"]))]
         return UnlearnData(f.encode(forget).cpu(), f.encode(self.surrogates).cpu(), f.encode(remember).cpu(),
                            forget_cond=f.condition([f.prompt] * len(forget)), remember_cond=f.condition(prompts),
-                           forget_weights=self.forget_weights)
+                           forget_weights=self.forget_weights, **self._forget_noise())
+
+    def _forget_noise(self) -> dict:
+        """Where each target's sampling path starts (its initial noise, or its image's inversion), for
+        forget samples noised along the path (method.path_noise)."""
+        starts = [t.path_start for t in self.targets]
+        known = [s is not None for s in starts]
+        if not any(known):
+            return {}
+        like = next(s for s in starts if s is not None)
+        noise = torch.stack([(s if s is not None else torch.zeros_like(like)).float().cpu() for s in starts])
+        return {"forget_noise": noise, "forget_noise_known": torch.tensor(known)}
 
 
 def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None, surrogates: bool = True,
@@ -233,9 +244,28 @@ def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None, surrogate
                          f"this run needs eval.n_integrity={n}")
     if target_base is None:
         target_base = ev.model_outputs_for_targets(base or family, targets)
+    if surrogates and getattr(cfg.method, "path_noise", 0) > 0:
+        path_starts(family, targets)
     return Prepared(cfg, family, targets, edited, reference.remember, target_base, reference.integrity_base[:n],
                     dict(reference.cache_hits), anchor_teacher(cfg, family, base), others=reference.others,
                     surrogate_info=surrogate_info)
+
+
+def path_starts(family: DiffusionFamily, targets: list[Target]) -> None:
+    """Give each target without known initial noise (a picture alone) the inversion of its image by
+    the model about to be trained (deterministic DDIM run backwards), once: method.path_noise then
+    noises its forget samples along that path too. A family that cannot invert leaves them to fresh
+    noise."""
+    todo = [t for t in targets if t.path_start is None]
+    if not todo:
+        return
+    inverted = family.invert(torch.stack([t.image for t in todo]))
+    if inverted is None:
+        log.info("%s cannot invert images: %d target(s) without a seed train on fresh noise only",
+                 type(family).__name__, len(todo))
+        return
+    for t, x in zip(todo, inverted):
+        t.inverted = x.cpu()
 
 
 def _surrogates(cfg: UnlearnConfig, family: DiffusionFamily, images: torch.Tensor,

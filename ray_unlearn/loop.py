@@ -37,6 +37,10 @@ class UnlearnData:
     forget_cond: dict | torch.Tensor | None = None
     remember_cond: dict | torch.Tensor | None = None
     forget_weights: torch.Tensor | None = None  # [F] sampling weights of the forget samples (None: uniform)
+    # [F, ...] each target's initial noise in the family's space (its sampling path starts there), and
+    # [F] bool: which targets have one (a seed, a noise file or an inversion); None: none known
+    forget_noise: torch.Tensor | None = None
+    forget_noise_known: torch.Tensor | None = None
 
 
 def index_cond(cond, idx: torch.Tensor):
@@ -127,6 +131,8 @@ class UnlearnLoop:
         dev = family.device
         self.forget = data.forget.to(dev)
         self.surrogate = data.surrogate.to(dev)
+        self.forget_noise = None if data.forget_noise is None else data.forget_noise.to(dev)
+        self.forget_noise_known = None if data.forget_noise is None else data.forget_noise_known.to(dev)
         self.remember = data.remember.to(dev)
 
     def batch(self) -> dict:
@@ -137,8 +143,10 @@ class UnlearnLoop:
                                    generator=self.gen)
         ri = torch.randint(0, len(self.remember), (self.cfg.batch_remember,), generator=self.gen)
         fi, ri = fi.to(self.forget.device), ri.to(self.remember.device)
-        return {"forget": {"x0": self.forget[fi], "x_s": self.surrogate[fi], "cond": index_cond(self.data.forget_cond, fi)},
-                "remember": {"x0": self.remember[ri], "cond": index_cond(self.data.remember_cond, ri)}}
+        forget = {"x0": self.forget[fi], "x_s": self.surrogate[fi], "cond": index_cond(self.data.forget_cond, fi)}
+        if self.forget_noise is not None:
+            forget |= {"noise": self.forget_noise[fi], "noise_known": self.forget_noise_known[fi]}
+        return {"forget": forget, "remember": {"x0": self.remember[ri], "cond": index_cond(self.data.remember_cond, ri)}}
 
     def step(self) -> dict:
         t0 = time.perf_counter()

@@ -91,6 +91,11 @@ class DiffusionFamily(ABC):
     def sdedit(self, images: torch.Tensor, strength: float, seed: int) -> torch.Tensor:
         """Noise images to strength*T and denoise with the base model."""
 
+    def invert(self, images: torch.Tensor) -> torch.Tensor | None:
+        """The initial noise the deterministic sampler would take to each image (images in [0,1]),
+        or None when the family cannot invert."""
+        return None
+
     # --- persistence ------------------------------------------------------------------------
     @abstractmethod
     def save(self, out_dir: str | Path) -> dict:

@@ -42,6 +42,13 @@ class SurrogateMethodConfig(Strict):
     forget_t_min: int = Field(
         0, ge=0, description="Lowest timestep of forget samples (a floor tames eps_s ~ sqrt(SNR_t))."
     )
+    path_noise: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Share of forget samples noised with their target's own initial noise when it is known "
+        "(a seed, a noise file): x_t = sqrt(abar_t) x_f + sqrt(1 - abar_t) x_T lies near the states the "
+        "sampler passes through on its way to the target (docs/method.md), where fresh Gaussian noise gives "
+        "states it never visits. 0: the paper's fresh noise for every sample.",
+    )
 
 
 class SurrogateMethod(Method):
@@ -65,11 +72,21 @@ class SurrogateMethod(Method):
     def forget_loss(self, batch, gen):
         f, part = self.family, batch["forget"]
         x_f, x_s = part["x0"], part["x_s"]
-        x_t, eps, t = self.noised(x_f, gen, self.cfg.forget_t_min)
+        x_t, eps, t = self.noised(x_f, gen, self.cfg.forget_t_min, noise=self.path_eps(part, gen))
         mse = diffusion.per_sample_mse(f.predict(x_t, t, cond=part.get("cond")), f.surrogate_target(x_f, x_s, eps, t))
         w = self._weight(t)
         loss = (w * mse).mean()
         return loss, {"forget/loss": logged(loss), "forget/mse": logged(mse), "forget/weight": logged(w)}
+
+    def path_eps(self, part: dict, gen: torch.Generator) -> torch.Tensor | None:
+        """The forget samples' noise: each one's target initial noise with probability path_noise
+        (where known), else fresh Gaussian noise; None (fresh noise for all) when path_noise is 0."""
+        if self.cfg.path_noise <= 0 or part.get("noise") is None:
+            return None
+        x_f = part["x0"]
+        fresh = torch.randn(x_f.shape, generator=gen).to(x_f.device)
+        use = (torch.rand(len(x_f), generator=gen) < self.cfg.path_noise).to(x_f.device) & part["noise_known"]
+        return torch.where(use.view(-1, *[1] * (x_f.dim() - 1)), part["noise"].to(fresh.dtype), fresh)
 
     def remember_loss(self, batch, gen):
         mse, t = self.remember_mse(batch["remember"], gen)
