@@ -278,7 +278,8 @@ def test_surrogate_path_noise_noises_forget_samples_with_their_targets_initial_n
     """path_noise 1: every forget sample whose target's initial noise is known is noised with it
     (x_t on the target's own sampling path), the others with fresh noise; the forget loss is the
     one computed by hand from those states; path_noise 0 leaves the paper's fresh noise."""
-    fam, method, batch = _toy("surrogate", path_noise=1.0)
+    fam, method, batch = _toy("surrogate")
+    assert method.cfg.path_noise == 1.0  # the default
     x_f = batch["forget"]["x0"]
     x_s = -x_f  # a surrogate unlike the target, so the surrogate target differs from the noise
     known_noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(9))
@@ -299,8 +300,8 @@ def test_surrogate_path_noise_noises_forget_samples_with_their_targets_initial_n
     w = (t.float() / 99) ** method.cfg.beta
     assert torch.allclose(loss.detach(), (w * mse).mean(), rtol=1e-4)
 
-    _, paper, _ = _toy("surrogate")
-    assert paper.cfg.path_noise == 0 and paper.path_eps(part, torch.Generator().manual_seed(4)) is None
+    _, paper, _ = _toy("surrogate", path_noise=0.0)
+    assert paper.path_eps(part, torch.Generator().manual_seed(4)) is None
 
 
 def test_prepared_data_carries_each_seeded_targets_initial_noise(tiny_model_dir, tmp_path):
@@ -309,7 +310,7 @@ def test_prepared_data_carries_each_seeded_targets_initial_noise(tiny_model_dir,
     from ray_unlearn.data import save_image
 
     save_image(torch.rand(1, 16, 16), tmp_path / "picture.png")
-    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"cache_dir={tmp_path / 'cache'}",
+    cfg = load_config(None, [f"model.path={tiny_model_dir}", f"cache_dir={tmp_path / 'cache'}", "method.path_noise=0",
                              f"targets=[{{seed: 5}}, {{image: {tmp_path / 'picture.png'}}}]", "sampler.steps=2",
                              "remember.n=4", "eval.n_integrity=2", "surrogate.kind=flip", "train.device=cpu"])
     prep = engine.prepare(cfg)
