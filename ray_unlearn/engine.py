@@ -193,6 +193,7 @@ class Prepared:
     steps_trained: int | None = None  # set by `train` (train.extra_rounds may add rounds)
     forget_weights: torch.Tensor | None = None  # per target sampling weight (anchored replay); None: uniform
     round_check: tuple | None = None  # (Metrics, threshold) of train.extra_rounds' test, made on first use
+    kept: torch.Tensor | None = None  # [targets] bool: still above the rounds' bar at the last check
 
     def data(self) -> UnlearnData:
         f = self.family
@@ -320,6 +321,7 @@ def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state
         if k > 0:
             if targets_forgotten(prep, loop.step_count):
                 break
+            loop.data.forget_weights = focus_on_kept(prep, c.round_focus)
             lr = c.lr * c.round_lr_growth ** k
             loop.cfg = c.model_copy(update={"steps": c.steps + k * (c.round_steps or max(1, c.steps // 2)), "lr": lr})
             for group in loop.optimizer.param_groups:
@@ -329,6 +331,21 @@ def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state
     loop.cfg = c
     prep.steps_trained = loop.step_count
     return loop
+
+
+def focus_on_kept(prep: Prepared, share: float) -> torch.Tensor | None:
+    """The forget sampling weights for the next round: the targets the last check found kept
+    (`prep.kept`) get `share` of the forget samples between them, the rest the remainder, each
+    group split by the targets' own weights (anchored replay's, else uniform). Unchanged when the
+    share is 0, there is one target, or every target (or none) is kept."""
+    base = prep.forget_weights
+    kept = getattr(prep, "kept", None)
+    n = len(prep.targets)
+    if share <= 0 or n < 2 or kept is None or len(kept) != n or bool(kept.all()) or not bool(kept.any()):
+        return base
+    w = torch.ones(n) if base is None else base.float().cpu()
+    k = kept.to(torch.bool)
+    return torch.where(k, share * w / w[k].sum(), (1 - share) * w / w[~k].sum())
 
 
 def targets_forgotten(prep: Prepared, steps: int) -> bool:
@@ -350,7 +367,8 @@ def targets_forgotten(prep: Prepared, steps: int) -> bool:
         log.warning("train.extra_rounds needs SSCD (%s): no extra round", err)
         return True
     bar = threshold - cfg.train.round_margin
-    done = bool((sim < bar).all())
+    prep.kept = (sim >= bar).cpu()
+    done = not bool(prep.kept.any())
     log.info("after %d steps: target SSCD %s (threshold %.3f, rounds stop below %.3f)%s", steps,
              ", ".join(f"{float(v):.3f}" for v in sim), threshold, bar, "" if done else ": another round")
     return done

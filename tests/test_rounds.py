@@ -99,3 +99,51 @@ def test_each_extra_round_trains_at_a_grown_lr_and_the_config_is_restored(tiny_m
     assert loop.cfg.lr == 1e-4  # the config after training is the one asked for
     with pytest.raises(Exception, match="round_lr_growth"):
         load_config(None, ["train.round_lr_growth=0.5"])
+
+
+def test_a_round_gives_the_kept_targets_their_share_of_the_forget_samples():
+    import types
+
+    import torch
+
+    prep = types.SimpleNamespace(targets=[0, 1, 2, 3], forget_weights=None, kept=torch.tensor([False, True, False, False]))
+    w = engine.focus_on_kept(prep, 0.5)
+    assert w.tolist() == pytest.approx([1 / 6, 0.5, 1 / 6, 1 / 6])
+    # anchored replay's weights (earlier requests 0.5 in all, the new one 0.5) split within each group
+    prep.forget_weights, prep.kept = torch.tensor([0.25, 0.25, 0.5]), torch.tensor([True, True, False])
+    prep.targets = [0, 1, 2]
+    assert engine.focus_on_kept(prep, 0.8).tolist() == pytest.approx([0.4, 0.4, 0.2])
+    for kept in ([True, True, True], [False, False, False]):  # nothing to focus on: as before
+        prep.kept = torch.tensor(kept)
+        assert engine.focus_on_kept(prep, 0.5) is prep.forget_weights
+    prep.kept = torch.tensor([True, False, False])
+    assert engine.focus_on_kept(prep, 0.0) is prep.forget_weights
+
+
+def test_rounds_sample_the_kept_target_more(tiny_model_dir, tmp_path, monkeypatch):
+    import torch
+
+    cfg_sets = ["targets=[{seed: 3}, {seed: 4}]", "train.extra_rounds=2", "train.round_steps=1", "train.batch_forget=8"]
+    prep = _prep(tiny_model_dir, tmp_path, *cfg_sets)
+    drawn = []
+    real_batch = engine.UnlearnLoop.batch
+
+    def batch(self):
+        out = real_batch(self)
+        drawn.append((self.step_count, self.data.forget_weights))
+        return out
+
+    def check(prep, steps):  # the second target stays kept
+        prep.kept = torch.tensor([False, True])
+        return False
+
+    monkeypatch.setattr(engine.UnlearnLoop, "batch", batch)
+    monkeypatch.setattr(engine, "targets_forgotten", check)
+    engine.train(prep, progress=False)
+    assert [s for s, _ in drawn] == [0, 1, 2, 3]
+    assert all(w is None for s, w in drawn if s < 2)  # the first round: uniform
+    assert all(w.tolist() == pytest.approx([0.5, 0.5]) for s, w in drawn if s >= 2)  # round_focus 0.5 of 2 targets
+    prep = _prep(tiny_model_dir, tmp_path, *cfg_sets, "train.round_focus=0.75")
+    drawn.clear()
+    engine.train(prep, progress=False)
+    assert all(w.tolist() == pytest.approx([0.25, 0.75]) for s, w in drawn if s >= 2)
