@@ -338,9 +338,7 @@ def focus_on_kept(prep: Prepared, share: float) -> torch.Tensor | None:
     (`prep.kept`) get `share` of the forget samples between them, the rest the remainder, each
     group split by the targets' own weights (anchored replay's, else uniform). Unchanged when the
     share is 0, there is one target, or every target (or none) is kept."""
-    base = prep.forget_weights
-    kept = getattr(prep, "kept", None)
-    n = len(prep.targets)
+    base, kept, n = prep.forget_weights, prep.kept, len(prep.targets)
     if share <= 0 or n < 2 or kept is None or len(kept) != n or bool(kept.all()) or not bool(kept.any()):
         return base
     w = torch.ones(n) if base is None else base.float().cpu()

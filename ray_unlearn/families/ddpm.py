@@ -259,7 +259,8 @@ class DDPMFamily(DiffusionFamily):
     @torch.no_grad()
     def invert(self, images, model=None):
         """DDIM inversion (eta 0 run from t=0 up to T) at the verifier's DDIM step count: each image's
-        initial noise, approximately (on the demo model, cosine 0.92-0.99 to the true one)."""
+        initial noise, approximately (on the demo model, cosine to the true one: median 0.93, range
+        0.43-0.99 over 16 seeds, docs/method.md)."""
         model = model or self.model
         steps = self.sampler.steps if self.sampler.kind == "ddim" else REFERENCE_DDIM_STEPS
         inverse = DDIMInverseScheduler.from_config(self.scheduler.config)
