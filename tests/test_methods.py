@@ -341,3 +341,11 @@ def test_ddim_inversion_recovers_the_demo_models_initial_noise():
     cos = torch.nn.functional.cosine_similarity(back.flatten(1), x_T.flatten(1))
     other = torch.nn.functional.cosine_similarity(back.flatten(1), x_T.flip(0).flatten(1))
     assert (cos > 0.5).all() and (other.abs() < 0.2).all(), (cos, other)
+
+
+def test_inversion_runs_in_batches_of_the_samplers_size_with_the_same_result():
+    fam = make_family()
+    images = torch.rand(5, 1, 16, 16, generator=torch.Generator().manual_seed(2))
+    whole = fam.invert(images)
+    fam.sampler = fam.sampler.model_copy(update={"batch_size": 2})
+    assert torch.allclose(fam.invert(images), whole, atol=1e-5) and whole.shape == images.shape

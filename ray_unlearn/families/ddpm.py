@@ -265,13 +265,16 @@ class DDPMFamily(DiffusionFamily):
         steps = self.sampler.steps if self.sampler.kind == "ddim" else REFERENCE_DDIM_STEPS
         inverse = DDIMInverseScheduler.from_config(self.scheduler.config)
         inverse.set_timesteps(steps, device=self.device)
-        x = self.encode(self.prepare_images(images)).to(self.device)
         was_training = model.training
         model.eval()
-        for t in inverse.timesteps:
-            x = inverse.step(self.predict(x, t.expand(len(x)), model=model), t, x).prev_sample
+        out = []
+        for i in range(0, len(images), self.sampler.batch_size):  # batches of the sampler's size, as generate
+            x = self.encode(self.prepare_images(images[i : i + self.sampler.batch_size])).to(self.device)
+            for t in inverse.timesteps:
+                x = inverse.step(self.predict(x, t.expand(len(x)), model=model), t, x).prev_sample
+            out.append(x.cpu())
         model.train(was_training)
-        return x.cpu()
+        return torch.cat(out)
 
     @torch.no_grad()
     def sdedit(self, images, strength, seed, model=None):
