@@ -393,6 +393,16 @@ class ContinualConfig(_Strict):
     )
     # 0.2: TIES-Merging's top-k of 20% (Yadav et al. 2023, Sec. 3).
     ties_density: float = Field(0.2, gt=0.0, le=1.0, description="merge_method=ties: share of each delta kept.")
+    # accept_margin: on demo-faces, 20 requests in a row (anchored, replay) at margin 0: request #5 was
+    # accepted at SSCD 0.590 against the threshold 0.596, its rounds having run out 0.024 short of
+    # their margin, and 7 of the next 15 requests were refused for bringing it back
+    accept_margin: float | None = Field(
+        None, ge=0.0, le=0.5,
+        description="A request is done only when its output ends this far under the forget threshold; one "
+        "forgotten by less fails (its rounds ran out short of the margin, and the next request that moves it a "
+        "little would bring it back and be refused for it). null = train.round_margin when train.extra_rounds is "
+        "on, else 0 (a fixed step count aims at no margin). Re-verification of done requests keeps the threshold.",
+    )
     joint_steps_per_request: bool = Field(
         True,
         description="strategy=joint: train train.steps x the number of requests in the training set (each target "

@@ -26,6 +26,14 @@ STRATEGIES = ("sequential", "anchored", "joint", "merge")
 Delta = dict[str, torch.Tensor]
 
 
+def accept_margin(cfg) -> float:
+    """How far under the forget threshold a request's output must end to be done
+    (continual.accept_margin; null: train.round_margin while train.extra_rounds is on, else 0)."""
+    if cfg.continual.accept_margin is not None:
+        return cfg.continual.accept_margin
+    return cfg.train.round_margin if cfg.train.extra_rounds > 0 else 0.0
+
+
 def remember_target(strategy: str, configured: str, uses_surrogate: bool) -> str:
     """What the remember term regresses onto in a batch: 'noise' (the paper's L_r) or 'base' (the
     original base model's prediction, a frozen teacher). An explicit 'noise' / 'base' is kept;

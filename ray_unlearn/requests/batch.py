@@ -89,6 +89,7 @@ class _Measured:
     prompts: list[dict] | None = None  # evaluate.integrity_by_prompt: each prompt apart (sd3 extra_prompts)
     delta: dict | None = None  # strategy merge: this request's delta (trained weights - base)
     joint: dict | None = None  # strategy joint: what the training set held
+    steps: int | None = None  # the optimizer steps trained (train.extra_rounds may add rounds)
 
 
 class Batch:
@@ -111,6 +112,7 @@ class Batch:
         self.deltas: dict[str, dict] = {}  # merge: the passed requests' deltas, in order
         self.lineage_deltas: list[dict] = []  # merge: the deltas of the requests along the lineage
         self.earlier_specs: list[TargetSpec] = []  # joint: the lineage's requests as targets
+        self.accept_margin = continual.accept_margin(self.cfg)
 
     # ---- settings and models --------------------------------------------------------------------
     def _load(self) -> None:
@@ -513,7 +515,7 @@ class Batch:
             check = Check(rec.id, rec.seed, decode_descriptor(descriptor), self.threshold["value"],
                           prep.targets[i].image if rec.seed is None else None)
             out.append(_Measured(row, rows, ssim, integrity_new, check, descriptor, train_s, spec, gate, prompts,
-                                 delta))
+                                 delta, steps=prep.steps_trained))
         return out
 
     def _verdict(self, rec: RequestRecord, m: _Measured, sscd_base: float) -> tuple[str | None, str, dict]:
@@ -528,11 +530,18 @@ class Batch:
             logger.info("  %s: integrity SSIM by prompt: %s", rec.id,
                         "; ".join(f"{r['prompt']!r} {r['ssim']} (min {r['ssim_min']}, n {r['n']})" for r in m.prompts))
         attempt = {"sscd_base": round(sscd_base, 4), "sscd_new": m.row["sscd_unlearned"],
-                   "integrity_ssim": round(m.ssim, 4), "train_seconds": round(m.train_s, 2), "prompt": rec.prompt}
+                   "integrity_ssim": round(m.ssim, 4), "train_seconds": round(m.train_s, 2), "steps_trained": m.steps,
+                   "prompt": rec.prompt}
         if m.prompts:
             attempt["integrity_prompts"] = m.prompts
         if not m.row["forgotten"]:
             return "fail", f"not forgotten with these settings: {figures}; {m.row['why']}", attempt
+        short = m.row["sscd_unlearned"] - (self.threshold["value"] - self.accept_margin)
+        if self.accept_margin > 0 and short > 0:
+            return "fail", (f"forgotten by too little to stay forgotten: {figures}, {short:.3f} short of the margin "
+                            f"{self.accept_margin:.3f} a request needs (continual.accept_margin), so the next request "
+                            "that moves it a little would bring it back; more rounds (train.extra_rounds) or a "
+                            "higher train.lr may get it there"), attempt
         if m.ssim < min_ssim:
             return "return", (f"integrity gate: unlearning it would leave SSIM {m.ssim:.3f} against the base, "
                               f"below the bound {min_ssim}"), attempt
@@ -656,6 +665,7 @@ class Batch:
                 **{k: m.row.get(k) for k in ("sscd_base_hotfix", "rank", "margin", "specific")},
                 **{k: m.spec[k] for k in ("n", "median", "p10", "percentile", "bound", "collateral", "max_collateral")}},
             "descriptor": m.descriptor, "settings": self._settings(), "train_seconds": round(m.train_s, 2),
+            "steps_trained": m.steps,
             "strategy": self.strategy,
             "times": {"claimed_at": rec.updated_at.isoformat(timespec="milliseconds"), "started_at": started,
                       "verified_at": now_iso()},
@@ -683,7 +693,8 @@ class Batch:
     def _settings(self) -> dict:
         c = self.cfg
         k = c.continual
-        strategy = {"strategy": k.strategy, "remember_target": self.remember_target, "pull": k.pull}
+        strategy = {"strategy": k.strategy, "remember_target": self.remember_target, "pull": k.pull,
+                    "accept_margin": self.accept_margin}
         if k.strategy == "merge":
             strategy.update(merge_method=k.merge_method, ties_density=k.ties_density)
         if k.strategy == "joint":
