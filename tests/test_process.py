@@ -2,7 +2,7 @@
 tiny model, crash points, SIGKILL at random moments, two processors at once, and the demo model.
 
 The tiny-model runs loosen the gates (fixed threshold 0.999, integrity bound 0, no specificity rule
-and no collateral bound (a random tiny model's outputs all move alike), and the operator
+and no collateral bound (a random tiny model's outputs all move alike), no accept margin, and the operator
 override `--train-unproduced`: their random pictures are not the tiny model's outputs) so that the
 protocol, not forgetting, is under test; the demo test uses the real gates.
 """
@@ -45,6 +45,7 @@ def tiny_config(model_dir: Path, tmp_path: Path, **eval_over) -> Path:
         "train": {"steps": 2, "batch_forget": 1, "batch_remember": 2, "device": "cpu"},
         "eval": {"n_integrity": 2, "threshold": "fixed", "fixed_threshold": 0.999, "min_integrity_ssim": 0.0,
                  "specificity_percentile": None, "max_collateral": 1.0, "fid": False, **eval_over},
+        "continual": {"accept_margin": 0.0},
         "cache_dir": str(tmp_path / "cache"),
     }
     path = tmp_path / "tiny.yaml"
@@ -828,3 +829,32 @@ def test_anchored_replay_trains_each_request_with_the_done_ones_and_the_new_targ
     out3, _ = _process(store, cfg, uri, name, overrides=["continual.replay=false"])
     assert [t.spec.seed for t in seen[0].targets] == [31] and seen[0].forget_weights is None
     assert first and out3.status == "promoted"
+
+
+def test_a_request_forgotten_by_less_than_the_accept_margin_fails_and_ships_nothing(tiny_model_dir, tmp_path):
+    """continual.accept_margin: the same request, trained the same way, is done at margin 0 and
+    failed (no version, its figures in the evidence) when the margin asks for more than it reached."""
+    from ray_unlearn import continual
+    from ray_unlearn.config import load_config
+
+    cfg = tiny_config(tiny_model_dir, tmp_path)
+    runs = {}
+    for label, margin in (("zero", "0"), ("wide", None)):
+        store, uri = tmp_path / label / "store", f"sqlite:///{tmp_path}/{label}.db"
+        if margin is None:  # ask for 0.01 more than the first run reached
+            margin = f"{0.999 - runs['zero'][1]['sscd_new'] + 0.01:.4f}"
+        [rid] = submit(store, [11])
+        out, lines = _process(store, cfg, uri, "tiny", overrides=[f"continual.accept_margin={margin}"])
+        rec = Queue(open_store(store)).get(rid)
+        runs[label] = (out, rec.evidence if rec.state == "done" else rec.evidence["last_attempt"], rec, lines)
+    out, e, rec, lines = runs["zero"]
+    assert out.status == "promoted" and rec.state == "done", lines
+    assert e["sscd_new"] < 0.999 and e["steps_trained"] >= 2 and e["settings"]["continual"]["accept_margin"] == 0
+    out, e, rec, lines = runs["wide"]
+    assert rec.state == "failed" and "short of the margin" in rec.reason and "continual.accept_margin" in rec.reason
+    assert out.version is None and registry(f"sqlite:///{tmp_path}/wide.db", "tiny").serving() is None
+    assert e["sscd_new"] == runs["zero"][1]["sscd_new"]  # the same training: only the gate differs
+    # the default: the rounds' margin while extra rounds run, none for a fixed step count
+    assert continual.accept_margin(load_config(None, [])) == load_config(None, []).train.round_margin > 0
+    assert continual.accept_margin(load_config(None, ["train.extra_rounds=0"])) == 0
+    assert continual.accept_margin(load_config(None, ["continual.accept_margin=0.1"])) == 0.1

@@ -42,11 +42,11 @@ log = logging.getLogger(__name__)
 # what `--tiny` adds (`tiny_sets`): a tiny random UNet built in code (the GPU suite's), the table's tiny
 # settings (table.TINY_SETS), a learning rate that moves it in 2 steps, and gates loosened as the demo
 # batch test's integrity-only run does (any clear move of the target counts as forgotten; no
-# specificity or collateral rule). --tiny runs every part of the code (submit, process, versions,
+# specificity or collateral rule, no accept margin). --tiny runs every part of the code (submit, process, versions,
 # re-verification, the table and pictures) in seconds; its figures measure nothing
 TINY_SETS = (*_TABLE_TINY, "train.device=cpu", "train.lr=0.05", "eval.threshold=fixed",
              "eval.fixed_threshold=0.995", "eval.min_integrity_ssim=0.0", "eval.specificity_percentile=null",
-             "eval.max_collateral=1.0")
+             "eval.max_collateral=1.0", "continual.accept_margin=0")
 MAX_RUNS_PER_REQUEST = 4  # the run that tries it, one that gives up a returned request, leases of a stopped run
 
 
