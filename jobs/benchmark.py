@@ -63,8 +63,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--arm", dest="arms", action="append", default=[],
                     help="an extra arm LABEL=METHOD@PRESET[,key=value...] (--table; repeatable; with --arm only "
                          "the given arms run unless --presets is given too)")
-    ap.add_argument("--rng-seed", type=int, default=None, help="draw the targets from another fixed RNG (--table; "
-                                                              "1107: the seeds the demo defaults are tuned on)")
+    ap.add_argument("--rng-seed", type=int, default=None, help="draw the targets from another fixed RNG (--table, "
+                                                              "--continual; 1107: the seeds the demo defaults are tuned on)")
     ap.add_argument("--budget-minutes", type=float, default=None, help="start no new run after this long; "
                                                                        "rerun the same command to finish (--table, "
                                                                        "--continual)")
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             res = run_continual(ContinualOptions(
                 n_requests=a.requests or (3 if a.tiny else 8 if a.single else 20), strategies=strategies, out=out,
-                tiny=a.tiny, single=a.single, sets=tuple(a.sets), progress=not a.json,
+                tiny=a.tiny, single=a.single, sets=tuple(a.sets), progress=not a.json, rng_seed=a.rng_seed,
                 budget_s=None if a.budget_minutes is None else 60 * a.budget_minutes))
         except (ContinualError, ConfigError) as err:  # bad flags or settings: checked before any request
             raise SystemExit(f"error: {err}") from None

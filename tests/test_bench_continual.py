@@ -28,6 +28,8 @@ def test_seeds_are_the_fixed_rngs_draws_and_a_longer_run_extends_a_shorter_one()
     assert all(100 <= s < 1_000_000 for s in twenty) and not {7, 11, 5, 4} & set(twenty)
     with pytest.raises(ValueError, match="at least one request"):
         continual_seeds(0)
+    tuning = continual_seeds(3, rng_seed=1107)  # --rng-seed: a tuning run never draws the benchmark's seeds
+    assert tuning == random.Random(1107).sample(SEED_POOL, 3) and not set(tuning) & set(twenty)
 
 
 def test_strategies_are_checked_before_anything_runs():
@@ -170,6 +172,10 @@ def test_budget_starts_no_request_and_the_table_says_not_run(tmp_path):
     with pytest.raises(ValueError, match="new --out"):  # never another model's pictures
         run_continual(ContinualOptions(n_requests=2, strategies=["sequential"], tiny=True, out=tmp_path / "o",
                                        progress=False, budget_s=0.0, sets=("sampler.steps=3",)))
+    tuning = run_continual(ContinualOptions(n_requests=2, strategies=["sequential"], tiny=True, out=tmp_path / "t",
+                                            progress=False, budget_s=0.0, rng_seed=1107))
+    assert tuning["seeds"] == continual_seeds(2, 1107) and tuning["rng_seed"] == 1107
+    assert "random.Random(1107)" in (tmp_path / "t" / "continual.md").read_text()
 
 
 @pytest.mark.slow

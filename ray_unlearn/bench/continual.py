@@ -33,13 +33,14 @@ class ContinualError(ValueError):
     """Bad input to the benchmark (a flag, or an OUT written by another run): says what to do."""
 
 
-def continual_seeds(n: int) -> list[int]:
-    """The first n request seeds of the benchmark's fixed RNG."""
+def continual_seeds(n: int, rng_seed: int = CONTINUAL_RNG_SEED) -> list[int]:
+    """The first n request seeds of the benchmark's fixed RNG (another fixed RNG for a tuning run:
+    table.TUNING_RNG_SEED, never this one)."""
     if n < 1:
         raise ContinualError(f"the continual benchmark needs at least one request, got --requests {n}")
     if n > 1000:
         raise ContinualError(f"--requests {n}: at most 1000 (each request is a processor run and a registered version)")
-    return random.Random(CONTINUAL_RNG_SEED).sample(SEED_POOL, n)
+    return random.Random(rng_seed).sample(SEED_POOL, n)
 
 
 def check_strategies(strategies: list[str]) -> list[str]:
@@ -67,11 +68,11 @@ def load_rows(path: Path, sets: list[str]) -> list[dict]:
     return saved["rows"]
 
 
-def save_rows(path: Path, strategy: str, rows: list[dict], sets: list[str]) -> None:
+def save_rows(path: Path, strategy: str, rows: list[dict], sets: list[str], rng_seed: int = CONTINUAL_RNG_SEED) -> None:
     """Written after every request (to a temporary file, then renamed: a kill never leaves half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"strategy": strategy, "rng_seed": CONTINUAL_RNG_SEED, "sets": list(sets), "rows": rows},
+    tmp.write_text(json.dumps({"strategy": strategy, "rng_seed": rng_seed, "sets": list(sets), "rows": rows},
                               indent=2) + "\n")
     tmp.replace(path)
 
@@ -145,9 +146,10 @@ def summarize_single(rows: list[dict], n_planned: int) -> dict:
     }
 
 
-def render_single(seeds: list[int], runs: dict[str, list[dict]], summaries: dict[str, dict], sets: list[str]) -> str:
+def render_single(seeds: list[int], runs: dict[str, list[dict]], summaries: dict[str, dict], sets: list[str],
+                  rng_seed: int = CONTINUAL_RNG_SEED) -> str:
     lines = [f"Single requests: each of seeds {', '.join(map(str, seeds))} (the first {len(seeds)} draws of "
-             f"random.Random({CONTINUAL_RNG_SEED}).sample(range({SEED_POOL.start}, {SEED_POOL.stop:_}), n)) alone on "
+             f"random.Random({rng_seed}).sample(range({SEED_POOL.start}, {SEED_POOL.stop:_}), n)) alone on "
              "the base model, through the processor; none screened or replaced.",
              f"Settings over the defaults: {', '.join(sets) or 'none'}.", "",
              "| strategy | recorded | forgotten (done) | failed | not produced | mean SSIM | min SSIM | below 0.6 "
@@ -190,9 +192,10 @@ def _result_cell(row: dict) -> str:
     return f"{row['result']}: {why[:160]}"
 
 
-def render_markdown(seeds: list[int], runs: dict[str, list[dict]], summaries: dict[str, dict], sets: list[str]) -> str:
+def render_markdown(seeds: list[int], runs: dict[str, list[dict]], summaries: dict[str, dict], sets: list[str],
+                    rng_seed: int = CONTINUAL_RNG_SEED) -> str:
     lines = [f"Requests: seeds {', '.join(map(str, seeds))} (the first {len(seeds)} draws of "
-             f"random.Random({CONTINUAL_RNG_SEED}).sample(range({SEED_POOL.start}, {SEED_POOL.stop:_}), n); "
+             f"random.Random({rng_seed}).sample(range({SEED_POOL.start}, {SEED_POOL.stop:_}), n); "
              "none screened or replaced).",
              f"Settings over the defaults: {', '.join(sets) or 'none'}.", "",
              "## Summary", "",

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ray_unlearn.bench.continual import (
-    STRATEGIES, ContinualError, check_strategies, continual_seeds, heatmaps, integrity_plot, load_rows,
+    CONTINUAL_RNG_SEED, STRATEGIES, ContinualError, check_strategies, continual_seeds, heatmaps, integrity_plot, load_rows,
     render_markdown, save_rows, summarize,
 )
 from ray_unlearn.config import ConfigError, load_config
@@ -62,6 +62,7 @@ class ContinualOptions:
     lease_seconds: float = 300.0
     tiny: bool = False  # a tiny UNet and tiny settings (`tiny_sets`) under opts.sets: seconds on CPU
     single: bool = False  # each request alone on the base model (a fresh store per seed): issue 12's single requests
+    rng_seed: int | None = None  # None: the benchmark's (CONTINUAL_RNG_SEED); table.TUNING_RNG_SEED for a tuning run
 
 
 def tiny_sets(out: Path) -> tuple[str, ...]:
@@ -210,7 +211,8 @@ def run_continual(opts: ContinualOptions) -> dict:
 
     out = Path(opts.out)
     strategies = check_strategies(list(opts.strategies))
-    seeds = continual_seeds(opts.n_requests)
+    rng_seed = CONTINUAL_RNG_SEED if opts.rng_seed is None else opts.rng_seed
+    seeds = continual_seeds(opts.n_requests, rng_seed)
     out.mkdir(parents=True, exist_ok=True)
     sets = (*(tiny_sets(out) if opts.tiny else ()), *opts.sets)
     overrides = {s: strategy_overrides(s, sets) for s in strategies}  # all checked before any request
@@ -237,37 +239,37 @@ def run_continual(opts: ContinualOptions) -> dict:
         where = _paths(out, s, seed) if opts.single else paths[s]
         row = run_request(s, i, seed, pictures[seed], overrides[s], where, opts.lease_seconds)
         runs[s].append(row)
-        save_rows(paths[s]["rows"], s, runs[s], list(sets))
+        save_rows(paths[s]["rows"], s, runs[s], list(sets), rng_seed)
         log.info("%s #%d seed %d: %s; serving v%s SSIM %s, %d/%d done still forgotten (%ss)", s, i, seed,
                  row["result"], row["version"], (row["model"] or {}).get("ssim"), row["n_forgotten"], row["n_done"],
                  row["wall_seconds"])
     if opts.single:
-        return write_single(out, seeds, runs, list(sets))
-    return write_outputs(out, seeds, runs, list(sets))
+        return write_single(out, seeds, runs, list(sets), rng_seed)
+    return write_outputs(out, seeds, runs, list(sets), rng_seed)
 
 
-def write_single(out: Path, seeds: list[int], runs: dict[str, list[dict]], sets: list[str]) -> dict:
+def write_single(out: Path, seeds: list[int], runs: dict[str, list[dict]], sets: list[str],
+                 rng_seed: int = CONTINUAL_RNG_SEED) -> dict:
     import json
 
-    from ray_unlearn.bench.continual import CONTINUAL_RNG_SEED, render_single, summarize_single
+    from ray_unlearn.bench.continual import render_single, summarize_single
 
     summaries = {s: summarize_single(rows, len(seeds)) for s, rows in runs.items()}
-    res = {"seeds": seeds, "rng_seed": CONTINUAL_RNG_SEED, "sets": sets, "summary": summaries, "runs": runs}
+    res = {"seeds": seeds, "rng_seed": rng_seed, "sets": sets, "summary": summaries, "runs": runs}
     (out / "single.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / "single.md").write_text(render_single(seeds, runs, summaries, sets))
+    (out / "single.md").write_text(render_single(seeds, runs, summaries, sets, rng_seed))
     return res
 
 
-def write_outputs(out: Path, seeds: list[int], runs: dict[str, list[dict]], sets: list[str]) -> dict:
+def write_outputs(out: Path, seeds: list[int], runs: dict[str, list[dict]], sets: list[str],
+                  rng_seed: int = CONTINUAL_RNG_SEED) -> dict:
     import json
-
-    from ray_unlearn.bench.continual import CONTINUAL_RNG_SEED
 
     summaries = {s: summarize(rows, len(seeds)) for s, rows in runs.items()}
     min_ssim = load_config(None, list(sets)).eval.min_integrity_ssim
-    res = {"seeds": seeds, "rng_seed": CONTINUAL_RNG_SEED, "sets": sets, "summary": summaries, "runs": runs}
+    res = {"seeds": seeds, "rng_seed": rng_seed, "sets": sets, "summary": summaries, "runs": runs}
     (out / "continual.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / "continual.md").write_text(render_markdown(seeds, runs, summaries, sets))
+    (out / "continual.md").write_text(render_markdown(seeds, runs, summaries, sets, rng_seed))
     integrity_plot(out / "integrity.png", runs, min_ssim)
     heatmaps(out / "heatmap.png", runs)
     return res
