@@ -58,6 +58,7 @@ class Arm:
     preset: str = "paper"
     sets: tuple[str, ...] = ()
     label: str | None = None
+    searched: str | None = None  # the pareto.json its settings came from: a baseline at its best point
 
     @property
     def name(self) -> str:
@@ -70,7 +71,8 @@ def default_arms(presets: tuple[str, ...] = ("paper",)) -> list[Arm]:
 
 def parse_arm(spec: str) -> Arm:
     """`LABEL=METHOD@PRESET[,key=value...]` (e.g. `lr1e-4=surrogate@demo,train.lr=1e-4,train.steps=60`):
-    one extra arm with its own config values (a tuning grid's candidate)."""
+    one extra arm with its own config values (a tuning grid's candidate); `pareto=PATH` stands for
+    the settings of the point a search chose (`searched_sets`)."""
     label, sep, rest = spec.partition("=")
     head, *sets = rest.split(",")
     method, at, preset = head.partition("@")
@@ -80,7 +82,29 @@ def parse_arm(spec: str) -> Arm:
     bad = [x for x in sets if "=" not in x]
     if bad:
         raise ValueError(f"bad --arm {spec!r}: {', '.join(bad)} is not key=value (LABEL=METHOD@PRESET,key=value,...)")
-    return Arm(method, preset, tuple(sets), label)
+    expanded, searched = [], None
+    for x in sets:  # pareto=PATH: the settings of the point a search chose (its pareto.json)
+        key, _, value = x.partition("=")
+        if key == "pareto":
+            searched = value
+        expanded += searched_sets(Path(value), method) if key == "pareto" else [x]
+    return Arm(method, preset, tuple(expanded), label, searched)
+
+
+def searched_sets(path: Path, method: str) -> list[str]:
+    """The point a search chose (`chosen` in its pareto.json: the most intact front point that
+    passed every gate) as key=value settings: an arm at the method's best Pareto point. Run the
+    search on a tuning seed (table.TUNING_RNG_SEED), never on the table's targets."""
+    if not path.is_file():
+        raise ValueError(f"pareto={path}: no such file; give the pareto.json of a `ray-unlearn search --out DIR`")
+    summary = json.loads(path.read_text())
+    if summary.get("method") != method:
+        raise ValueError(f"pareto={path} is a search of {summary.get('method')!r}, not {method!r}")
+    chosen = summary.get("chosen")
+    if not chosen:
+        raise ValueError(f"pareto={path}: the search chose no point (none on its front passed every gate), so "
+                         "the method has no best point to run; search longer or report it as such")
+    return [f"{k}={v}" for k, v in chosen["params"].items()]
 
 
 @dataclass
@@ -270,7 +294,8 @@ def run_table(opts: TableOptions) -> dict:
     orderings = {}
     for p in sorted({a.preset for a in arms}):
         ours = [a.name for a in arms if a.preset == p and METHODS[a.method].uses_surrogate and not a.sets]
-        rivals = [a.name for a in arms if a.preset == p and not METHODS[a.method].uses_surrogate and not a.sets]
+        rivals = [a.name for a in arms if a.preset == p and not METHODS[a.method].uses_surrogate
+                  and (not a.sets or a.searched)]  # a baseline at its best searched point is a rival too
         if ours and rivals:
             orderings[ours[0]] = ordering_check(agg, ours[0], rivals)
     table = {"seeds": seeds, "rng_seed": opts.rng_seed, "arms": [a.__dict__ | {"name": a.name} for a in arms],

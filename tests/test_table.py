@@ -41,6 +41,25 @@ def test_an_extra_arm_carries_its_own_values_and_a_bad_one_says_how_to_write_it(
             parse_arm(bad)
 
 
+def test_an_arm_at_a_searchs_chosen_point_takes_its_settings_and_refuses_what_it_cannot_use(tmp_path):
+    from ray_unlearn.table import arm_config
+
+    front = [{"params": {"train.lr": 3e-5, "train.steps": 40}, "integrity": 0.91, "passed": True}]
+    path = tmp_path / "pareto.json"
+    path.write_text(json.dumps({"method": "neggrad", "front": front, "chosen": front[0]}))
+    arm = parse_arm(f"best=neggrad@demo,pareto={path},eval.n_integrity=8")
+    assert arm.sets == ("train.lr=3e-05", "train.steps=40", "eval.n_integrity=8") and arm.searched == str(path)
+    cfg = arm_config(arm, 123)
+    assert (cfg.train.lr, cfg.train.steps, cfg.method.name, cfg.targets[0].seed) == (3e-5, 40, "neggrad", 123)
+    with pytest.raises(ValueError, match="a search of 'neggrad', not 'siss'"):
+        parse_arm(f"best=siss@demo,pareto={path}")
+    path.write_text(json.dumps({"method": "neggrad", "front": front, "chosen": None}))
+    with pytest.raises(ValueError, match="chose no point"):
+        parse_arm(f"best=neggrad@demo,pareto={path}")
+    with pytest.raises(ValueError, match="no such file"):
+        parse_arm(f"best=neggrad@demo,pareto={tmp_path / 'nope.json'}")
+
+
 def _row(seed, sscd, forgotten, ssim, fid=None, spec=None):
     return {"seed": seed, "sscd": sscd, "forgotten": forgotten, "passed": forgotten, "ssim": ssim, "lpips": None,
             "fid": fid, "why": None if forgotten else "SSCD not below the threshold", "specificity": spec or {}}
