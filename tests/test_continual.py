@@ -156,13 +156,14 @@ def _model(tmp_path) -> str:
 
 def _overrides(tmp_path, strategy: str, *extra: str) -> list[str]:
     """The tiny model (a test that uses these takes the tiny_model_dir fixture) with tiny settings and
-    loosened gates (fixed threshold 0.999, no integrity bound, no specificity rule): the strategies'
+    loosened gates (fixed threshold 0.999, no integrity bound, no specificity rule, no accept margin): the strategies'
     mechanics, not forgetting, are under test; the demo model's figures are the benchmark's."""
     return [f"continual.strategy={strategy}", f"model.path={_model(tmp_path)}", f"cache_dir={tmp_path / 'cache'}",
             "sampler.steps=4", "remember.n=4",
             "surrogate.kind=flip", "train.steps=2", "train.batch_forget=1", "train.batch_remember=2", "train.device=cpu",
             "eval.n_integrity=4", "eval.threshold=fixed", "eval.fixed_threshold=0.999", "eval.min_integrity_ssim=0",
-            "eval.specificity_percentile=null", "eval.max_collateral=1", "eval.fid=false", *extra]
+            "eval.specificity_percentile=null", "eval.max_collateral=1", "eval.fid=false", "continual.accept_margin=0",
+            *extra]
 
 
 def _submit(store, seed: int) -> str:
