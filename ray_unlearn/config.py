@@ -270,6 +270,14 @@ class TrainConfig(_Strict):
         "extra round gives this share of the forget samples to the targets the last check found still kept, the "
         "rest to the others; 0 = every round samples the targets as the first did.",
     )
+    # keep_best: on the continual benchmark the targets' SSCD wandered by up to 0.1 from one round to the
+    # next (a replayed target 0.61 -> 0.67 -> 0.62 -> 0.65 -> 0.57), so the last round's weights were
+    # often not the rounds' best: one request ended 0.02 over the threshold after having been 0.03 under
+    round_keep_best: bool = Field(
+        True, description="When the extra rounds run out with a target still not `round_margin` under the threshold, "
+        "end on the weights of the check whose worst target was lowest (a copy of the trainable weights kept on "
+        "the CPU), not on the last round's. The report's `weights_of_step` says when it did.",
+    )
     round_lr_growth: float = Field(
         1.0, ge=1.0, le=2.0, description="Each extra round trains at `lr` times this to the power of the round "
         "(1.0 = the same lr throughout): a target that resists gets a stronger push, while an easy one, which stops "

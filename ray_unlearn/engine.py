@@ -194,6 +194,8 @@ class Prepared:
     forget_weights: torch.Tensor | None = None  # per target sampling weight (anchored replay); None: uniform
     round_check: tuple | None = None  # (Metrics, threshold) of train.extra_rounds' test, made on first use
     kept: torch.Tensor | None = None  # [targets] bool: still above the rounds' bar at the last check
+    excess: float | None = None  # the last check's worst target: its SSCD minus the rounds' bar
+    best_check: dict | None = None  # set by `train` when it ended on an earlier check's weights (train.round_keep_best)
 
     def data(self) -> UnlearnData:
         f = self.family
@@ -317,10 +319,13 @@ def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state
             on_step(loop, logs, step)
 
     c = prep.cfg.train
+    best = None  # the check whose worst target was lowest: (excess, steps, weights on the CPU)
     for k in range(c.extra_rounds + 1):
         if k > 0:
             if targets_forgotten(prep, loop.step_count):
                 break
+            if c.round_keep_best and prep.excess is not None and (best is None or prep.excess < best[0]):
+                best = (prep.excess, loop.step_count, [p.detach().to("cpu", copy=True) for p in loop.params])
             loop.data.forget_weights = focus_on_kept(prep, c.round_focus)
             lr = c.lr * c.round_lr_growth ** k
             loop.cfg = c.model_copy(update={"steps": c.steps + k * (c.round_steps or max(1, c.steps // 2)), "lr": lr})
@@ -328,6 +333,14 @@ def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state
                 group["lr"] = lr
         if loop.step_count < loop.cfg.steps:
             loop.run(run_report, progress=progress)
+    else:  # the rounds ran out: end on the best check's weights if the last ones are worse
+        if best is not None and not targets_forgotten(prep, loop.step_count) and best[0] < (prep.excess or 0.0):
+            with torch.no_grad():
+                for p, saved in zip(loop.params, best[2]):
+                    p.copy_(saved.to(p.device))
+            log.info("rounds ran out: back to the weights after %d steps (worst target %+.3f from the bar, "
+                     "against %+.3f after %d)", best[1], best[0], prep.excess, loop.step_count)
+            prep.best_check = {"steps": best[1], "excess": round(best[0], 4), "last_excess": round(prep.excess, 4)}
     loop.cfg = c
     prep.steps_trained = loop.step_count
     return loop
@@ -366,6 +379,7 @@ def targets_forgotten(prep: Prepared, steps: int) -> bool:
         return True
     bar = threshold - cfg.train.round_margin
     prep.kept = (sim >= bar).cpu()
+    prep.excess = float((sim - bar).max())
     done = not bool(prep.kept.any())
     log.info("after %d steps: target SSCD %s (threshold %.3f, rounds stop below %.3f)%s", steps,
              ", ".join(f"{float(v):.3f}" for v in sim), threshold, bar, "" if done else ": another round")
@@ -397,6 +411,8 @@ def judge(prep: Prepared, metrics: Metrics | None = None, progress: bool = True,
         result["surrogates"] = prep.surrogate_info
     if prep.steps_trained is not None:
         result["steps_trained"] = prep.steps_trained
+    if prep.best_check is not None:
+        result["weights_of_step"] = prep.best_check
     result["metric_sources"] = metrics.sources()
     return result, target_new, integrity_new
 

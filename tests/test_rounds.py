@@ -2,6 +2,7 @@
 threshold, and the steps trained in the report."""
 
 import pytest
+import torch
 
 from ray_unlearn import engine
 from ray_unlearn.config import load_config
@@ -147,3 +148,45 @@ def test_rounds_sample_the_kept_target_more(tiny_model_dir, tmp_path, monkeypatc
     drawn.clear()
     engine.train(prep, progress=False)
     assert all(w.tolist() == pytest.approx([0.25, 0.75]) for s, w in drawn if s >= 2)
+
+
+def _scripted_checks(monkeypatch, excesses):
+    """targets_forgotten answering from a script of worst-target excesses (never forgotten), and the
+    trainable weights at each check."""
+    seen = []
+    script = iter(excesses)
+
+    def check(prep, steps):
+        prep.excess = next(script)
+        seen.append((steps, [p.detach().clone() for p in prep.family.trainable_parameters()]))
+        return False
+
+    monkeypatch.setattr(engine, "targets_forgotten", check)
+    return seen
+
+
+def test_rounds_that_run_out_end_on_the_best_checks_weights(tiny_model_dir, tmp_path, monkeypatch):
+    # checks after 2, 3, 4 steps, and the final one after 5: the second (excess 0.01) is the best
+    seen = _scripted_checks(monkeypatch, [0.05, 0.01, 0.08, 0.09])
+    prep = _prep(tiny_model_dir, tmp_path, "train.extra_rounds=3", "train.round_steps=1")
+    loop = engine.train(prep, progress=False)
+    assert [s for s, _ in seen] == [2, 3, 4, 5] and loop.step_count == prep.steps_trained == 5
+    now = [p.detach() for p in loop.params]
+    assert all(torch.equal(a, b) for a, b in zip(now, seen[1][1]))  # the weights after 3 steps
+    assert not all(torch.equal(a, b) for a, b in zip(now, seen[3][1]))  # not the last ones
+    assert prep.best_check == {"steps": 3, "excess": 0.01, "last_excess": 0.09}
+    result, _, _ = engine.judge(prep, progress=False)
+    assert result["weights_of_step"]["steps"] == 3 and result["steps_trained"] == 5
+
+    # the last check is the best: the last weights stay
+    seen = _scripted_checks(monkeypatch, [0.05, 0.01, 0.08, 0.0])
+    prep = _prep(tiny_model_dir, tmp_path, "train.extra_rounds=3", "train.round_steps=1")
+    loop = engine.train(prep, progress=False)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(loop.params, seen[3][1])) and prep.best_check is None
+
+    # round_keep_best off: the last weights, and no final check
+    seen = _scripted_checks(monkeypatch, [0.05, 0.01, 0.08])
+    prep = _prep(tiny_model_dir, tmp_path, "train.extra_rounds=3", "train.round_steps=1", "train.round_keep_best=false")
+    loop = engine.train(prep, progress=False)
+    assert len(seen) == 3 and prep.best_check is None
+    assert not all(torch.equal(p.detach(), b) for p, b in zip(loop.params, seen[1][1]))

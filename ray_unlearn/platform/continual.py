@@ -192,6 +192,7 @@ def run_request(strategy: str, i: int, seed: int, picture: Path, overrides: list
         # what the attempt trained for, done or refused (a refused one's is in its last_attempt)
         "attempt_train_seconds": ev.get("train_seconds", (ev.get("last_attempt") or {}).get("train_seconds")),
         "steps_trained": ev.get("steps_trained", (ev.get("last_attempt") or {}).get("steps_trained")),
+        "weights_of_step": ev.get("weights_of_step", (ev.get("last_attempt") or {}).get("weights_of_step")),
         "new_version": made is not None,
         "version": serving.version if serving is not None else None,
         "model": {k: integrity.get(k) for k in ("ssim", "lpips", "fid", "n", "collateral")} if serving is not None else None,

@@ -90,6 +90,7 @@ class _Measured:
     delta: dict | None = None  # strategy merge: this request's delta (trained weights - base)
     joint: dict | None = None  # strategy joint: what the training set held
     steps: int | None = None  # the optimizer steps trained (train.extra_rounds may add rounds)
+    weights_of_step: dict | None = None  # the rounds ran out and ended on an earlier check's weights
 
 
 class Batch:
@@ -515,7 +516,7 @@ class Batch:
             check = Check(rec.id, rec.seed, decode_descriptor(descriptor), self.threshold["value"],
                           prep.targets[i].image if rec.seed is None else None)
             out.append(_Measured(row, rows, ssim, integrity_new, check, descriptor, train_s, spec, gate, prompts,
-                                 delta, steps=prep.steps_trained))
+                                 delta, steps=prep.steps_trained, weights_of_step=prep.best_check))
         return out
 
     def _verdict(self, rec: RequestRecord, m: _Measured, sscd_base: float) -> tuple[str | None, str, dict]:
@@ -531,7 +532,7 @@ class Batch:
                         "; ".join(f"{r['prompt']!r} {r['ssim']} (min {r['ssim_min']}, n {r['n']})" for r in m.prompts))
         attempt = {"sscd_base": round(sscd_base, 4), "sscd_new": m.row["sscd_unlearned"],
                    "integrity_ssim": round(m.ssim, 4), "train_seconds": round(m.train_s, 2), "steps_trained": m.steps,
-                   "prompt": rec.prompt}
+                   "weights_of_step": m.weights_of_step, "prompt": rec.prompt}
         if m.prompts:
             attempt["integrity_prompts"] = m.prompts
         if not m.row["forgotten"]:
@@ -665,7 +666,7 @@ class Batch:
                 **{k: m.row.get(k) for k in ("sscd_base_hotfix", "rank", "margin", "specific")},
                 **{k: m.spec[k] for k in ("n", "median", "p10", "percentile", "bound", "collateral", "max_collateral")}},
             "descriptor": m.descriptor, "settings": self._settings(), "train_seconds": round(m.train_s, 2),
-            "steps_trained": m.steps,
+            "steps_trained": m.steps, "weights_of_step": m.weights_of_step,
             "strategy": self.strategy,
             "times": {"claimed_at": rec.updated_at.isoformat(timespec="milliseconds"), "started_at": started,
                       "verified_at": now_iso()},
