@@ -28,10 +28,10 @@ Delta = dict[str, torch.Tensor]
 
 def accept_margin(cfg) -> float:
     """How far under the forget threshold a request's output must end to be done
-    (continual.accept_margin; null: train.round_margin while train.extra_rounds is on, else 0)."""
+    (continual.accept_margin; null: half of train.round_margin while train.extra_rounds is on, else 0)."""
     if cfg.continual.accept_margin is not None:
         return cfg.continual.accept_margin
-    return cfg.train.round_margin if cfg.train.extra_rounds > 0 else 0.0
+    return cfg.train.round_margin / 2 if cfg.train.extra_rounds > 0 else 0.0
 
 
 def remember_target(strategy: str, configured: str, uses_surrogate: bool) -> str:

@@ -855,6 +855,6 @@ def test_a_request_forgotten_by_less_than_the_accept_margin_fails_and_ships_noth
     assert out.version is None and registry(f"sqlite:///{tmp_path}/wide.db", "tiny").serving() is None
     assert e["sscd_new"] == runs["zero"][1]["sscd_new"]  # the same training: only the gate differs
     # the default: the rounds' margin while extra rounds run, none for a fixed step count
-    assert continual.accept_margin(load_config(None, [])) == load_config(None, []).train.round_margin > 0
+    assert continual.accept_margin(load_config(None, [])) == load_config(None, []).train.round_margin / 2 > 0
     assert continual.accept_margin(load_config(None, ["train.extra_rounds=0"])) == 0
     assert continual.accept_margin(load_config(None, ["continual.accept_margin=0.1"])) == 0.1

@@ -143,7 +143,7 @@ def test_rounds_sample_the_kept_target_more(tiny_model_dir, tmp_path, monkeypatc
     engine.train(prep, progress=False)
     assert [s for s, _ in drawn] == [0, 1, 2, 3]
     assert all(w is None for s, w in drawn if s < 2)  # the first round: uniform
-    assert all(w.tolist() == pytest.approx([0.5, 0.5]) for s, w in drawn if s >= 2)  # round_focus 0.5 of 2 targets
+    assert all(w.tolist() == pytest.approx([0.2, 0.8]) for s, w in drawn if s >= 2)  # round_focus 0.8 of 2 targets
     prep = _prep(tiny_model_dir, tmp_path, *cfg_sets, "train.round_focus=0.75")
     drawn.clear()
     engine.train(prep, progress=False)
