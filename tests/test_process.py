@@ -842,6 +842,7 @@ def test_a_request_forgotten_by_less_than_the_accept_margin_fails_and_ships_noth
     for label, margin in (("zero", "0"), ("wide", None)):
         store, uri = tmp_path / label / "store", f"sqlite:///{tmp_path}/{label}.db"
         if margin is None:  # ask for 0.01 more than the first run reached
+            assert runs["zero"][1]["sscd_new"] > 0.51, "the tiny model forgot too far for a margin under the 0.5 cap"
             margin = f"{0.999 - runs['zero'][1]['sscd_new'] + 0.01:.4f}"
         [rid] = submit(store, [11])
         out, lines = _process(store, cfg, uri, "tiny", overrides=[f"continual.accept_margin={margin}"])
