@@ -30,11 +30,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# the slowest tests' times go in the log: the whole run has to fit CI's 90 minutes
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m slow --durations=25 $(PYTEST_ARGS)
 
 test-all: install
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python jobs/benchmark.py
