@@ -282,9 +282,10 @@ class TrainConfig(_Strict):
         "the CPU), not on the last round's. The report's `weights_of_step` says when it did.",
     )
     round_lr_growth: float = Field(
-        1.0, ge=1.0, le=2.0, description="Each extra round trains at `lr` times this to the power of the round "
-        "(1.0 = the same lr throughout): a target that resists gets a stronger push, while an easy one, which stops "
-        "after a round or two, never sees it.",
+        1.0, ge=0.5, le=2.0, description="Each extra round trains at `lr` times this to the power of the round "
+        "(1.0 = the same lr throughout). Above 1 a target that resists gets a stronger push, while an easy one, "
+        "which stops after a round or two, never sees it; below 1 the later rounds move the weights less, so a long "
+        "run of rounds wanders less far from where the targets were lowest.",
     )
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0)

@@ -726,6 +726,7 @@ DEMO_SEEDS = random.Random(2026).sample(range(100, 1_000_000), 6)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # six requests with their rounds on the demo model: ~15 min on 2 loaded cores
 def test_demo_batch_settles_every_drawn_request_and_an_integrity_failure_moves_no_alias(tmp_path):
     from ray_unlearn.config import load_config
     from ray_unlearn.data import save_image

@@ -99,7 +99,8 @@ def test_each_extra_round_trains_at_a_grown_lr_and_the_config_is_restored(tiny_m
         assert lr == pytest.approx(want) and all(g == pytest.approx(want) for g in groups)
     assert loop.cfg.lr == 1e-4  # the config after training is the one asked for
     with pytest.raises(Exception, match="round_lr_growth"):
-        load_config(None, ["train.round_lr_growth=0.5"])
+        load_config(None, ["train.round_lr_growth=0.4"])
+    assert load_config(None, ["train.round_lr_growth=0.8"]).train.round_lr_growth == 0.8  # a falling lr
 
 
 def test_a_round_gives_the_kept_targets_their_share_of_the_forget_samples():
