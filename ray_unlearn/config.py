@@ -287,6 +287,11 @@ class TrainConfig(_Strict):
         "which stops after a round or two, never sees it; below 1 the later rounds move the weights less, so a long "
         "run of rounds wanders less far from where the targets were lowest.",
     )
+    round_plateau_lr: float = Field(
+        1.0, gt=0.0, le=1.0, description="Each check whose worst target is no closer to the bar than the best check "
+        "so far multiplies the rounds' lr by this from then on (1.0 = off): while the targets keep falling the "
+        "rounds push at full strength, and once they only wander the steps get smaller.",
+    )
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0)
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = Field(
