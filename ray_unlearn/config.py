@@ -240,6 +240,12 @@ class TrainConfig(_Strict):
     # demo-lfw for seed 7. The Tune search finds the front for a real model.
     steps: int = Field(20, ge=1, description="Optimizer steps of the first round (all of them with extra_rounds 0).")
     batch_forget: int = Field(4, ge=1, description="Forget samples per micro-batch (targets repeat).")
+    forget_sampling: Literal["random", "spread"] = Field(
+        "random", description="How each micro-batch picks its forget samples (by their weights: anchored replay's "
+        "shares, the rounds' focus): 'random' = independent draws; 'spread' = systematic sampling whose offset "
+        "moves by the golden ratio each draw, so every target (a replayed one too) comes back at evenly spaced "
+        "steps instead of by chance.",
+    )
     batch_remember: int = Field(4, ge=1, description="Remember samples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(8e-5, gt=0.0, description="Learning rate.")

@@ -43,6 +43,21 @@ class UnlearnData:
     forget_noise_known: torch.Tensor | None = None
 
 
+GOLDEN = (5**0.5 - 1) / 2
+
+
+def spread_indices(weights: torch.Tensor | None, n: int, k: int, draw: int) -> torch.Tensor:
+    """`k` forget indices out of `n` for the `draw`-th micro-batch, by systematic sampling of the
+    weights (uniform if None) at an offset that moves by the golden ratio from draw to draw: in each
+    batch a sample gets the floor or the ceiling of its share k * w, and as the offsets fill [0, 1)
+    evenly its visits come at evenly spaced draws instead of by chance (independent draws leave a
+    sample of weight 1/20 out of 10 batches of 4 one time in eight)."""
+    w = torch.ones(n) if weights is None else weights.float().cpu()
+    cdf = torch.cumsum(w / w.sum(), 0)
+    pos = (((draw + 1) * GOLDEN) % 1.0 + torch.arange(k, dtype=torch.float64)) / k
+    return torch.searchsorted(cdf.double(), pos, right=True).clamp_(max=n - 1)
+
+
 def index_cond(cond, idx: torch.Tensor):
     """The rows `idx` of a condition (None, a tensor, or a dict of tensors)."""
     if cond is None:
@@ -128,6 +143,7 @@ class UnlearnLoop:
         self.reduce = reduce_grads or (lambda g: g)
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step_count = 0
+        self._micro = 0  # the micro-batch within the step (forget_sampling 'spread' counts draws)
         dev = family.device
         self.forget = data.forget.to(dev)
         self.surrogate = data.surrogate.to(dev)
@@ -136,7 +152,11 @@ class UnlearnLoop:
         self.remember = data.remember.to(dev)
 
     def batch(self) -> dict:
-        if self.data.forget_weights is None:
+        if self.cfg.forget_sampling == "spread":
+            fi = spread_indices(self.data.forget_weights, len(self.forget), self.cfg.batch_forget,
+                                self.step_count * self.cfg.grad_accum + self._micro)
+            self._micro = (self._micro + 1) % self.cfg.grad_accum
+        elif self.data.forget_weights is None:
             fi = torch.randint(0, len(self.forget), (self.cfg.batch_forget,), generator=self.gen)
         else:  # anchored replay: the new target keeps its share of every batch
             fi = torch.multinomial(self.data.forget_weights.float(), self.cfg.batch_forget, replacement=True,

@@ -216,3 +216,43 @@ def test_a_check_no_closer_than_the_best_lowers_the_rounds_lr_from_then_on(tiny_
     engine.train(_prep(tiny_model_dir, tmp_path, "train.extra_rounds=3", "train.round_steps=1", "train.lr=1e-4"),
                  progress=False)
     assert lrs == pytest.approx([1e-4] * 4)
+
+
+def test_spread_sampling_gives_each_target_its_share_at_evenly_spaced_steps():
+    from ray_unlearn.loop import spread_indices
+
+    # the new target keeps half of every batch; ten replayed ones share the rest
+    w = torch.tensor([0.05] * 10 + [0.5])
+    draws = [spread_indices(w, 11, 4, d) for d in range(200)]
+    assert all(int((b == 10).sum()) == 2 for b in draws)  # exactly its half, every batch
+    visits = {i: [d for d, b in enumerate(draws) if bool((b == i).any())] for i in range(10)}
+    for i, ds in visits.items():
+        assert 36 <= len(ds) <= 44, (i, len(ds))  # 200 batches x 4 x 0.05 = 40 samples each
+        assert max(b - a for a, b in zip([-1, *ds], [*ds, 200])) <= 10, (i, ds)  # never long unvisited
+    # independent draws at the same weights leave some target out for longer (the reason for 'spread')
+    g = torch.Generator().manual_seed(0)
+    iid = [torch.multinomial(w, 4, replacement=True, generator=g) for _ in range(200)]
+    gaps = [max(b - a for a, b in zip([-1, *ds], [*ds, 200]))
+            for ds in ([d for d, b in enumerate(iid) if bool((b == i).any())] for i in range(10))]
+    assert max(gaps) > 10
+    # uniform weights: every index alike
+    counts = torch.bincount(torch.cat([spread_indices(None, 5, 2, d) for d in range(100)]), minlength=5)
+    assert counts.min() >= 38 and counts.max() <= 42
+
+
+def test_spread_sampling_numbers_every_micro_batch_in_the_loop(tiny_model_dir, tmp_path, monkeypatch):
+    from ray_unlearn import loop as loop_mod
+
+    draws = []
+    real = loop_mod.spread_indices
+
+    def spy(weights, n, k, draw):
+        draws.append(draw)
+        return real(weights, n, k, draw)
+
+    monkeypatch.setattr(loop_mod, "spread_indices", spy)
+    prep = _prep(tiny_model_dir, tmp_path, "train.extra_rounds=0", "train.steps=3", "train.grad_accum=2",
+                 "train.forget_sampling=spread")
+    loop = engine.train(prep, progress=False)
+    assert loop.step_count == 3 and draws == [0, 1, 2, 3, 4, 5]  # one offset per micro-batch, none repeated
+    assert all(torch.isfinite(p).all() for p in loop.params)
