@@ -290,13 +290,8 @@ class TrainConfig(_Strict):
     round_lr_growth: float = Field(
         1.0, ge=0.5, le=2.0, description="Each extra round trains at `lr` times this to the power of the round "
         "(1.0 = the same lr throughout). Above 1 a target that resists gets a stronger push, while an easy one, "
-        "which stops after a round or two, never sees it; below 1 the later rounds move the weights less, so a long "
-        "run of rounds wanders less far from where the targets were lowest.",
-    )
-    round_plateau_lr: float = Field(
-        1.0, gt=0.0, le=1.0, description="Each check whose worst target is no closer to the bar than the best check "
-        "so far multiplies the rounds' lr by this from then on (1.0 = off): while the targets keep falling the "
-        "rounds push at full strength, and once they only wander the steps get smaller.",
+        "which stops after a round or two, never sees it; below 1 the later rounds move the weights less, meant to "
+        "keep a long run of rounds from wandering (not measured yet).",
     )
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
     weight_decay: float = Field(0.0, ge=0.0)

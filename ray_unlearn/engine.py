@@ -320,19 +320,14 @@ def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state
 
     c = prep.cfg.train
     best = None  # the check whose worst target was lowest: (excess, steps, weights on the CPU)
-    lowest, plateau = None, 1.0  # the lowest worst-target excess so far; the lr factor of the checks that missed it
     for k in range(c.extra_rounds + 1):
         if k > 0:
             if targets_forgotten(prep, loop.step_count):
                 break
             if c.round_keep_best and prep.excess is not None and (best is None or prep.excess < best[0]):
                 best = (prep.excess, loop.step_count, [p.detach().to("cpu", copy=True) for p in loop.params])
-            if prep.excess is not None:
-                if lowest is not None and prep.excess >= lowest:  # no closer than before: settle
-                    plateau *= c.round_plateau_lr
-                lowest = prep.excess if lowest is None else min(lowest, prep.excess)
             loop.data.forget_weights = focus_on_kept(prep, c.round_focus)
-            lr = c.lr * c.round_lr_growth ** k * plateau
+            lr = c.lr * c.round_lr_growth ** k
             loop.cfg = c.model_copy(update={"steps": c.steps + k * (c.round_steps or max(1, c.steps // 2)), "lr": lr})
             for group in loop.optimizer.param_groups:
                 group["lr"] = lr

@@ -193,31 +193,6 @@ def test_rounds_that_run_out_end_on_the_best_checks_weights(tiny_model_dir, tmp_
     assert not all(torch.equal(p.detach(), b) for p, b in zip(loop.params, seen[1][1]))
 
 
-def test_a_check_no_closer_than_the_best_lowers_the_rounds_lr_from_then_on(tiny_model_dir, tmp_path, monkeypatch):
-    from ray_unlearn.loop import UnlearnLoop
-
-    lrs = []
-    real_run = UnlearnLoop.run
-
-    def run(self, report=None, progress=True):
-        lrs.append(self.optimizer.param_groups[0]["lr"])
-        return real_run(self, report, progress)
-
-    monkeypatch.setattr(UnlearnLoop, "run", run)
-    # the checks after 2..6 steps: first, closer, no closer (x0.5 from then on), closer, no closer (x0.5 again)
-    _scripted_checks(monkeypatch, [0.05, 0.02, 0.03, 0.01, 0.04, 0.01, 0.0])
-    prep = _prep(tiny_model_dir, tmp_path, "train.extra_rounds=5", "train.round_steps=1", "train.lr=1e-4",
-                 "train.round_plateau_lr=0.5", "train.round_keep_best=false")
-    engine.train(prep, progress=False)
-    assert lrs == pytest.approx([1e-4, 1e-4, 1e-4, 5e-5, 5e-5, 2.5e-5])
-    # off by default: every round at lr
-    lrs.clear()
-    _scripted_checks(monkeypatch, [0.05, 0.06, 0.07, 0.08])
-    engine.train(_prep(tiny_model_dir, tmp_path, "train.extra_rounds=3", "train.round_steps=1", "train.lr=1e-4"),
-                 progress=False)
-    assert lrs == pytest.approx([1e-4] * 4)
-
-
 def test_spread_sampling_gives_each_target_its_share_at_evenly_spaced_steps():
     from ray_unlearn.loop import spread_indices
 
@@ -229,12 +204,6 @@ def test_spread_sampling_gives_each_target_its_share_at_evenly_spaced_steps():
     for i, ds in visits.items():
         assert 36 <= len(ds) <= 44, (i, len(ds))  # 200 batches x 4 x 0.05 = 40 samples each
         assert max(b - a for a, b in zip([-1, *ds], [*ds, 200])) <= 10, (i, ds)  # never long unvisited
-    # independent draws at the same weights leave some target out for longer (the reason for 'spread')
-    g = torch.Generator().manual_seed(0)
-    iid = [torch.multinomial(w, 4, replacement=True, generator=g) for _ in range(200)]
-    gaps = [max(b - a for a, b in zip([-1, *ds], [*ds, 200]))
-            for ds in ([d for d, b in enumerate(iid) if bool((b == i).any())] for i in range(10))]
-    assert max(gaps) > 10
     # uniform weights: every index alike
     counts = torch.bincount(torch.cat([spread_indices(None, 5, 2, d) for d in range(100)]), minlength=5)
     assert counts.min() >= 38 and counts.max() <= 42
