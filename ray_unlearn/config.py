@@ -424,6 +424,25 @@ class ContinualConfig(_Strict):
         "on (the rounds aim further under than this), else 0 (a fixed step count aims at no margin). "
         "Re-verification of done requests keeps the threshold.",
     )
+    # together: off. On two batches of 6 tuning requests (Random(1107)), trained together 6 + 3 of 12 were
+    # done; one after another (each on top of the last, the done ones replayed) 5 + 6 (docs/benchmarks.md
+    # "A batch of six").
+    together: bool = Field(
+        False,
+        description="sequential / anchored: the new requests of a batch train together, in one training on top of "
+        "the serving weights (with replay, the done requests join it and keep `replay_share` of the forget "
+        "samples; train.steps x the number of new requests, so each new target sees as many forget samples as "
+        "alone); a request that fails is dropped and the rest trained again from the batch's start. false: one "
+        "after another, each on top of the last. A batch of one trains alone either way; joint always trains "
+        "together, merge never.",
+    )
+    batch_retries: int = Field(
+        1, ge=0, le=3,
+        description="One request after another (sequential, anchored, merge): a request that was not forgotten (or by "
+        "less than accept_margin) or that brought an earlier one back tries again after the rest of the batch, on "
+        "the weights then and with the next train.seed, up to this many times; its last try decides (earlier tries' "
+        "reasons are in the evidence). Near the threshold the outcome of one try is partly chance. 0 = one try.",
+    )
     joint_steps_per_request: bool = Field(
         True,
         description="strategy=joint: train train.steps x the number of requests in the training set (each target "

@@ -204,8 +204,11 @@ class _Trainings:
             self.calls.append({"weights": {n: p.detach().clone() for n, p in prep.family.model.named_parameters()},
                                "seeds": [t.spec.seed for t in prep.targets], "steps": prep.cfg.train.steps,
                                "teacher": prep.teacher is not None, "pull": prep.pull,
-                               "remember": prep.cfg.remember.target})
-            return real(prep, *a, **kw)
+                               "remember": prep.cfg.remember.target, "forget_weights": prep.forget_weights,
+                               "train_seed": prep.cfg.train.seed})
+            out = real(prep, *a, **kw)
+            self.calls[-1]["after"] = {n: p.detach().clone() for n, p in prep.family.model.named_parameters()}
+            return out
 
         monkeypatch.setattr(engine, "train", train)
 
@@ -432,6 +435,84 @@ def test_joint_drops_the_newest_request_on_a_shared_gate_and_trains_again_withou
     assert results[kept]["result"] == "done" and out.version == 1
     assert [c["seeds"] for c in trainings.calls] == [[311, 529], [Queue(open_store(store)).get(kept).seed]]
     assert Registry(f"sqlite:///{tmp_path}/mlflow.db", "continual").get(1).tags["requests"] == kept
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("together", [True, False])
+def test_anchored_trains_a_batchs_requests_together_on_the_serving_weights(together, tiny_model_dir, tmp_path,
+                                                                           monkeypatch):
+    """continual.together: the batch's two new requests train in ONE training on top of the serving
+    version, the done request replayed at replay_share and each new one at half the rest, for
+    train.steps x 2; false: one after the other, the first (now passed) replayed in the second."""
+    from ray_unlearn.platform.tracking import Registry
+    from ray_unlearn.requests import Queue
+    from ray_unlearn.storage import open_store
+
+    store = tmp_path / "store"
+    first = _submit(store, 311)
+    assert _run(store, tmp_path, _overrides(tmp_path, "anchored")).version == 1
+    trainings = _Trainings(monkeypatch)
+    ids = [_submit(store, 529), _submit(store, 733)]
+    out = _run(store, tmp_path, _overrides(tmp_path, "anchored", f"continual.together={str(together).lower()}"))
+    assert out.status == "promoted" and out.version == 2, out.message
+    q, reg = Queue(open_store(store)), Registry(f"sqlite:///{tmp_path}/mlflow.db", "continual")
+    v1 = _weights(reg.get(1).source)
+    assert all(q.get(rid).state == "done" for rid in ids) and {r["id"] for r in out.reverified} == {first, *ids}
+    assert set(reg.get(2).tags["requests"].split(",")) == set(ids)
+    if together:
+        [t] = trainings.calls
+        assert t["seeds"] == [311, 529, 733] and t["steps"] == 2 * 2 and t["teacher"]
+        assert torch.allclose(t["forget_weights"], torch.tensor([0.5, 0.25, 0.25]))
+        assert _same(t["weights"], v1, atol=1e-6)  # on top of the serving version, not the base
+        for rid in ids:
+            e = q.get(rid).evidence
+            assert e["together"] == {"earlier": 1, "new": 2, "steps": 4} and e["settings"]["continual"]["together"]
+    else:
+        t1, t2 = trainings.calls
+        assert t1["seeds"] == [311, 529] and t2["seeds"] == [311, 529, 733] and t1["steps"] == t2["steps"] == 2
+        assert torch.allclose(t2["forget_weights"], torch.tensor([0.25, 0.25, 0.5]))
+        assert _same(t1["weights"], v1, atol=1e-6) and not _same(t2["weights"], v1, atol=1e-6)
+        assert all("together" not in q.get(rid).evidence for rid in ids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("retries", [1, 0])
+def test_a_request_not_forgotten_tries_again_after_the_rest_of_the_batch(retries, tiny_model_dir, tmp_path, monkeypatch):
+    """continual.batch_retries: the first request's first try is (made to be) not forgotten; it tries
+    again after the second request, on the weights the second left and with the next train.seed, and
+    its evidence keeps why the first try did not pass. With 0 retries it fails with that reason."""
+    from ray_unlearn.requests import Queue
+    from ray_unlearn.requests.batch import Batch
+    from ray_unlearn.storage import open_store
+
+    store = tmp_path / "store"
+    ids = [_submit(store, 311), _submit(store, 529)]
+    trainings, real, tries = _Trainings(monkeypatch), Batch._verdict, []
+
+    def first_try_not_forgotten(self, rec, m, sscd_base):
+        kind, reason, attempt = real(self, rec, m, sscd_base)
+        tries.append(rec.seed)
+        if rec.seed == 311 and tries.count(311) == 1:
+            return "fail", "not forgotten with these settings: (simulated) SSCD 0.70 -> 0.65", attempt
+        return kind, reason, attempt
+
+    monkeypatch.setattr(Batch, "_verdict", first_try_not_forgotten)
+    out = _run(store, tmp_path, _overrides(tmp_path, "anchored", f"continual.batch_retries={retries}",
+                                           "continual.replay=false"))
+    q = Queue(open_store(store))
+    results = {r["id"]: r for r in out.requests}
+    assert results[ids[1]]["result"] == "done"
+    if retries:
+        assert tries == [311, 529, 311] and results[ids[0]]["result"] == "done" and out.version == 1
+        e = q.get(ids[0]).evidence
+        assert e["earlier_tries"] == ["not forgotten with these settings: (simulated) SSCD 0.70 -> 0.65"]
+        seeds = [c["train_seed"] for c in trainings.calls]
+        assert seeds == [0, 0, 1]  # the retry draws other noise and batches
+        assert _same(trainings.calls[2]["weights"], trainings.calls[1]["after"], atol=1e-6)  # after the second
+    else:
+        assert tries == [311, 529] and results[ids[0]]["result"] == "failed"
+        assert q.get(ids[0]).state == "failed" and "(simulated)" in q.get(ids[0]).reason
+        assert "earlier_tries" not in q.get(ids[0]).evidence["last_attempt"]
 
 
 def test_a_lora_delta_is_the_merged_adapter_on_the_layers_it_adapts():

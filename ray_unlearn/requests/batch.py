@@ -114,6 +114,8 @@ class Batch:
         self.lineage_deltas: list[dict] = []  # merge: the deltas of the requests along the lineage
         self.earlier_specs: list[TargetSpec] = []  # joint: the lineage's requests as targets
         self.accept_margin = continual.accept_margin(self.cfg)
+        self.retry: list[tuple[RequestRecord, str]] = []  # one by one: requests to try again after the rest
+        self.tries: dict[str, list[str]] = {}  # why each retried request's earlier tries did not pass
 
     # ---- settings and models --------------------------------------------------------------------
     def _load(self) -> None:
@@ -210,13 +212,14 @@ class Batch:
             raise BatchAborted(f"a metric the gates need is unavailable: {err}") from None
         self._start_run()
         try:
-            if self.strategy == "joint":  # one training over the lineage's requests and these
-                self._joint(todo)
+            if self._trains_together(todo):  # one training over this batch's requests (and the earlier ones)
+                self._together(todo)
             else:
                 for i, rec in enumerate(todo, 1):
                     self.keeper.check()
                     logger.info("[%d/%d] %s (seed %s, attempt %d)", i, len(todo), rec.id, rec.seed, rec.attempts)
                     self._one(rec)
+                self._retry_in_batch()
             if not self.passed:
                 self.out.status = "nothing-passed"
                 self.out.message = "no request passed its gates: nothing to promote"
@@ -400,7 +403,19 @@ class Batch:
         path.write_bytes(img.png)
         return path
 
-    def _one(self, rec: RequestRecord) -> None:
+    def _retry_in_batch(self) -> None:
+        """continual.batch_retries: each request that was not forgotten (or by too little) or that
+        brought an earlier one back tries again after the rest of the batch, on the weights then,
+        with the next train.seed; the last try's verdict moves it."""
+        for round_ in range(1, self.cfg.continual.batch_retries + 1):
+            again, self.retry = self.retry, []
+            for i, (rec, first) in enumerate(again, 1):
+                self.keeper.check()
+                logger.info("[retry %d, %d/%d] %s (seed %s) after: %s", round_, i, len(again), rec.id, rec.seed, first)
+                self.tries.setdefault(rec.id, []).append(first)
+                self._one(rec, retry=round_)
+
+    def _one(self, rec: RequestRecord, retry: int = 0) -> None:
         started = now_iso()
         try:
             path = self._image(rec)
@@ -409,6 +424,8 @@ class Batch:
             return
         earlier = self._replayed()
         cfg = self._request_cfg([*earlier, TargetSpec(image=str(path), seed=rec.seed, prompt=rec.prompt)])
+        if retry:  # another draw of the noise and batches, on the weights the rest of the batch left
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": cfg.train.seed + retry})})
         k = len(earlier)
         snap = self._snapshot()
         trainer = self.family
@@ -440,7 +457,7 @@ class Batch:
             return
         finally:
             path.unlink(missing_ok=True)  # the picture lives in memory from here on
-        if self._gates(rec, measured, sscd_base, snap):
+        if self._gates(rec, measured, sscd_base, snap, retry):
             self._accept(rec, measured, sscd_base, started, override)
 
     def _replayed(self) -> list[TargetSpec]:
@@ -519,6 +536,13 @@ class Batch:
                                  delta, steps=prep.steps_trained, weights_of_step=prep.best_check))
         return out
 
+    @staticmethod
+    def _retriable(reason: str) -> bool:
+        """Failures that depend on chance and on where the weights stand, which another try after the
+        rest of the batch may mend: not forgotten, forgotten by too little, an earlier one brought back
+        (not the integrity gate: more requests only lower it)."""
+        return reason.startswith(("not forgotten", "forgotten by too little", "unlearning it brought back"))
+
     def _verdict(self, rec: RequestRecord, m: _Measured, sscd_base: float) -> tuple[str | None, str, dict]:
         """Gates 1-3 on the request's figures: (None | 'fail' | 'return', the reason, the attempt's
         figures). 'fail': not forgotten (its own doing); 'return': integrity or a regression, which
@@ -554,24 +578,56 @@ class Batch:
                 f"{r['id']} (SSCD {r['sscd']:.3f} >= {r['threshold']:.3f})" for r in bad[:3]), attempt
         return None, "", attempt
 
-    def _gates(self, rec: RequestRecord, m: _Measured, sscd_base: float, snap) -> bool:
-        """Gates 1-3; a failed one restores the snapshot and moves the request."""
+    def _gates(self, rec: RequestRecord, m: _Measured, sscd_base: float, snap, retry: int = 0) -> bool:
+        """Gates 1-3; a failed one restores the snapshot and moves the request (or, while
+        continual.batch_retries allow and the failure is one another try may mend, holds it for a
+        retry after the rest of the batch)."""
         kind, reason, attempt = self._verdict(rec, m, sscd_base)
         if kind is None:
             return True
         self._restore(snap)
+        if retry:
+            attempt = {**attempt, "retry": retry}
+        if self._retriable(reason) and retry < self.cfg.continual.batch_retries:
+            self.retry.append((rec, reason))  # its verdict waits for the retry
+            return False
+        if retry:
+            attempt["earlier_tries"] = self.tries.get(rec.id, [])
         if kind == "fail":
             self.moves.fail(rec.id, reason, **attempt)
         else:
             self.moves.release_or_fail(rec, reason, attempt)
         return False
 
-    # ---- strategy joint: one training over the lineage's requests and the new ones --------------
-    def _joint(self, todo: list[RequestRecord]) -> None:
-        """Gate 0 for each new request, then train from the base over the earlier and the new
-        requests; a new request that fails a gate is dropped (not forgotten: failed; integrity or
-        a regression: the newest one goes back to pending) and the rest trained again, so the
-        weights that ship were trained on exactly the requests that are recorded."""
+    # ---- one training over the batch's requests: joint, or anchored/sequential with `together` -----
+    def _trains_together(self, todo: list[RequestRecord]) -> bool:
+        """joint always; sequential and anchored when continual.together holds and the batch has
+        more than one request (with one, training together is training it alone); merge never (each
+        request is its own delta)."""
+        if self.strategy == "joint":
+            return True
+        return self.strategy != "merge" and self.cfg.continual.together and len(todo) > 1
+
+    def _together_plan(self, k: int, n: int) -> tuple[int, torch.Tensor | None]:
+        """(steps, forget weights) of one training over k earlier targets and n new ones. joint:
+        train.steps x (k + n) (joint_steps_per_request), every target alike. Otherwise train.steps
+        x n, and with replay the earlier targets share `replay_share` of the forget samples, the
+        new ones the rest: each new target gets the samples it would get trained alone."""
+        steps = self.cfg.train.steps
+        if self.strategy == "joint":
+            return steps * ((k + n) if self.cfg.continual.joint_steps_per_request else 1), None
+        if not k:
+            return steps * n, None
+        share = self.cfg.continual.replay_share
+        return steps * n, torch.tensor([share / k] * k + [(1.0 - share) / n] * n)
+
+    def _together(self, todo: list[RequestRecord]) -> None:
+        """Gate 0 for each new request, then one training over the earlier and the new requests
+        (joint: from the base over every request along the lineage; anchored: on top of the serving
+        weights, the done requests replayed); a new request that fails a gate is dropped (not
+        forgotten: failed; integrity or a regression: the newest one goes back to pending) and the
+        rest trained again from the batch's start, so the weights that ship were trained on exactly
+        the requests that are recorded."""
         started = now_iso()
         new: list[tuple[RequestRecord, Path]] = []
         for rec in todo:
@@ -582,9 +638,9 @@ class Batch:
                 self.moves.fail(rec.id, f"its image cannot be used: {err}")
         if not new:
             return
-        k = len(self.earlier_specs)
-        cfg = self._request_cfg([*self.earlier_specs,
-                                 *(TargetSpec(image=str(p), seed=r.seed, prompt=r.prompt) for r, p in new)])
+        earlier = self.earlier_specs if self.strategy == "joint" else self._replayed()
+        k = len(earlier)
+        cfg = self._request_cfg([*earlier, *(TargetSpec(image=str(p), seed=r.seed, prompt=r.prompt) for r, p in new)])
         self._restore(self.start)
         active = []  # (request, target index, picture emb, base output emb, sscd_base, override)
         try:
@@ -601,7 +657,7 @@ class Batch:
             raise BatchAborted(f"a metric the gates need is unavailable: {err}") from None
         except Exception as err:  # a model / numerical problem: every new request may be retried
             for rec, _ in new:
-                self.moves.release_or_fail(rec, f"preparing the joint training raised {type(err).__name__}: {err}")
+                self.moves.release_or_fail(rec, f"preparing the training together raised {type(err).__name__}: {err}")
             return
         finally:
             for _, path in new:
@@ -610,12 +666,13 @@ class Batch:
             self.keeper.check()
             self._restore(self.start)
             index = [*range(k), *(a[1] for a in active)]
-            steps = self.cfg.train.steps * (len(index) if self.cfg.continual.joint_steps_per_request else 1)
+            steps, weights = self._together_plan(k, len(active))
             sub = replace(prep, targets=[prep.targets[i] for i in index], surrogates=prep.surrogates[index],
-                          target_base=prep.target_base[index],
+                          target_base=prep.target_base[index], forget_weights=weights,
                           cfg=prep.cfg.model_copy(update={"train": prep.cfg.train.model_copy(update={"steps": steps})}))
             sub.pull = self._pull(self.family)
-            logger.info("joint: training from the base on %d earlier + %d new request(s), %d steps",
+            logger.info("%s: training %s on %d earlier + %d new request(s) together, %d steps", self.strategy,
+                        "from the base" if self.strategy == "joint" else "on top of the serving weights",
                         k, len(active), steps)
             try:
                 measured = self._train_and_measure(sub, [(a[0], len(index) - len(active) + j, a[2], a[3])
@@ -624,11 +681,12 @@ class Batch:
                 raise BatchAborted(f"a metric the gates need is unavailable: {err}") from None
             except DivergedError as err:
                 for a in active:
-                    self.moves.fail(a[0].id, f"joint training of {len(index)} request(s): {err}")
+                    self.moves.fail(a[0].id, f"training {len(index)} request(s) together: {err}")
                 break
             except Exception as err:
                 for a in active:
-                    self.moves.release_or_fail(a[0], f"joint training raised {type(err).__name__}: {err}")
+                    self.moves.release_or_fail(a[0], f"training {len(active)} request(s) together raised "
+                                                     f"{type(err).__name__}: {err}")
                 break
             joint = {"earlier": k, "new": len(active), "steps": steps}
             verdicts = [self._verdict(a[0], m, a[4]) for a, m in zip(active, measured)]
@@ -642,7 +700,7 @@ class Batch:
             if returned:  # integrity and regressions belong to the whole set: drop the newest request
                 a, reason, att = returned[-1]
                 rest = len(active) - 1
-                self.moves.release_or_fail(a[0], reason + (f" (joint training with {len(active)} new request(s): "
+                self.moves.release_or_fail(a[0], reason + (f" (trained together with {len(active)} new request(s): "
                                                            f"it was dropped, the other {rest} trained again)"
                                                            if rest else ""), att)
                 active = [x for x in active if x is not a]
@@ -673,6 +731,8 @@ class Batch:
         }
         if override:
             evidence["produced_override"] = override
+        if rec.id in self.tries:  # passed on a retry after the rest of the batch (continual.batch_retries)
+            evidence["earlier_tries"] = self.tries[rec.id]
         if m.delta is not None:  # merge: stored at commit step 1
             evidence["delta"] = {"key": self._delta_key(rec.id), "sha256": None, "tensors": len(m.delta)}
             self.deltas[rec.id] = m.delta
@@ -682,6 +742,8 @@ class Batch:
             if rec.seed is None and self.ctx.retention == "delete":
                 logger.warning("%s has no seed and its picture will be purged (--retention delete): later joint "
                                "batches cannot retrain it and will stop; keep pictures or use another strategy", rec.id)
+        elif m.joint is not None:  # trained together with the batch's other requests (continual.together)
+            evidence["together"] = m.joint
         if rec.original_sha256:
             evidence["original_sha256"] = rec.original_sha256
         self.passed.append((rec, evidence))
@@ -700,6 +762,8 @@ class Batch:
             strategy.update(merge_method=k.merge_method, ties_density=k.ties_density)
         if k.strategy == "joint":
             strategy.update(joint_steps_per_request=k.joint_steps_per_request)
+        elif k.strategy != "merge":
+            strategy.update(together=k.together)
         return {"method": c.method.name, "steps": c.train.steps, "lr": c.train.lr, "surrogate": c.surrogate.kind,
                 "strength": c.surrogate.strength, "continual": strategy,
                 "config_sha": content_hash(c.model_dump(mode="json"))}
