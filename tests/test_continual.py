@@ -506,6 +506,7 @@ def test_a_request_not_forgotten_tries_again_after_the_rest_of_the_batch(retries
         assert tries == [311, 529, 311] and results[ids[0]]["result"] == "done" and out.version == 1
         e = q.get(ids[0]).evidence
         assert e["earlier_tries"] == ["not forgotten with these settings: (simulated) SSCD 0.70 -> 0.65"]
+        assert e["settings"]["continual"]["batch_retries"] == 1 and "earlier_tries" not in q.get(ids[1]).evidence
         seeds = [c["train_seed"] for c in trainings.calls]
         assert seeds == [0, 0, 1]  # the retry draws other noise and batches
         assert _same(trainings.calls[2]["weights"], trainings.calls[1]["after"], atol=1e-6)  # after the second

@@ -762,8 +762,8 @@ class Batch:
             strategy.update(merge_method=k.merge_method, ties_density=k.ties_density)
         if k.strategy == "joint":
             strategy.update(joint_steps_per_request=k.joint_steps_per_request)
-        elif k.strategy != "merge":
-            strategy.update(together=k.together)
+        else:
+            strategy.update(batch_retries=k.batch_retries, **({} if k.strategy == "merge" else {"together": k.together}))
         return {"method": c.method.name, "steps": c.train.steps, "lr": c.train.lr, "surrogate": c.surrogate.kind,
                 "strength": c.surrogate.strength, "continual": strategy,
                 "config_sha": content_hash(c.model_dump(mode="json"))}
