@@ -535,3 +535,29 @@ def test_a_lora_delta_is_the_merged_adapter_on_the_layers_it_adapts():
     assert torch.allclose(plain.predict(x, t), lora.predict(x, t), atol=1e-5)  # base + delta behaves as the LoRA
     anchors = continual.initial_anchors(lora.trainable_parameters())
     assert all(torch.equal(a, p) for a, p in zip(anchors, lora.trainable_parameters()))
+
+
+@pytest.mark.parametrize("case, retried", [("not_forgotten", True), ("short_of_margin", True), ("brought_back", True),
+                                           ("integrity", False), ("collateral", False), ("passes", None)])
+def test_which_verdicts_get_another_try_in_the_batch(case, retried):
+    """continual.batch_retries retries what another try may mend, judged on the reasons `_verdict`
+    really writes: not forgotten, short of the accept margin, an earlier request brought back; never
+    an integrity or collateral failure (more requests only lower integrity)."""
+    from types import SimpleNamespace
+
+    from ray_unlearn.requests.batch import Batch
+
+    cfg = load_config(None, [])
+    me = SimpleNamespace(cfg=cfg, threshold={"value": 0.6}, accept_margin=0.015)
+    row = {"sscd_unlearned": {"not_forgotten": 0.65, "short_of_margin": 0.59}.get(case, 0.5),
+           "forgotten": case != "not_forgotten", "why": "SSCD not below the threshold" if case == "not_forgotten" else None}
+    rows = [{"id": "req-earlier", "sscd": 0.62, "threshold": 0.6, "forgotten": case != "brought_back"}]
+    gate = {"ok": case != "collateral", "why": "collateral forgetting: 3 of 32 unrelated outputs"}
+    m = SimpleNamespace(row=row, rows=rows, ssim=0.5 if case == "integrity" else 0.9, train_s=1.0, steps=20,
+                        weights_of_step=None, prompts=None, gate=gate)
+    rec = SimpleNamespace(id="req-new", prompt=None)
+    kind, reason, _ = Batch._verdict(me, rec, m, 0.99)
+    if retried is None:
+        assert kind is None
+    else:
+        assert kind is not None and Batch._retriable(reason) is retried, reason
