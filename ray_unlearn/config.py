@@ -434,7 +434,7 @@ class ContinualConfig(_Strict):
         "samples; train.steps x the number of new requests, so each new target sees as many forget samples as "
         "alone); a request that fails is dropped and the rest trained again from the batch's start. false: one "
         "after another, each on top of the last. A batch of one trains alone either way; joint always trains "
-        "together, merge never.",
+        "together; merge refuses it (one delta per request).",
     )
     # batch_retries 1: another try can only add done requests (a retry is gated as any try); it costs a second
     # training where a request fails. On the tuning runs it rescued none of 3 failures; on the held-out demo

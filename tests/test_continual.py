@@ -131,6 +131,9 @@ def test_settings_a_batch_refuses_say_what_to_change():
         check_continual(load_config(None, ["continual.pull=0.1", "model.lora.rank=4"]))
     with pytest.raises(ConfigError, match="ddpm family only"):
         check_continual(load_config(None, ["continual.strategy=joint", "model.family=sd3"]))
+    with pytest.raises(ConfigError, match="set continual.together=false"):
+        check_continual(load_config(None, ["continual.strategy=merge", "continual.together=true"]))
+    check_continual(load_config(None, ["continual.strategy=anchored", "continual.together=true"]))
     with pytest.raises(ConfigError, match="continual.strategy"):
         load_config(None, ["continual.strategy=stacked"])
     assert load_config().continual.strategy == "anchored"

@@ -258,6 +258,10 @@ def check_continual(cfg) -> None:
         raise ConfigError(f"continual.strategy={c.strategy} rebuilds the hotfix from the base model's weights, which "
                           f"is implemented for the ddpm family only (model.family={cfg.model.family}): use "
                           "continual.strategy=anchored")
+    if c.strategy == "merge" and c.together:
+        raise ConfigError("continual.together trains a batch's requests in one training, but merge keeps one delta "
+                          "per request, trained alone: set continual.together=false, or use continual.strategy=anchored "
+                          "or joint (joint always trains together)")
     lora = cfg.model.lora is not None or (cfg.model.family == "sd3" and not cfg.model.sd3.full_finetune)
     if c.strategy == "anchored" and c.pull > 0 and lora:
         raise ConfigError("continual.pull under anchored pulls the trained weights toward the original base's, which "
