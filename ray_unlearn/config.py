@@ -394,8 +394,18 @@ class ContinualConfig(_Strict):
         "the base teacher cannot bring them back; the new request's own target keeps half of every forget "
         "batch (`replay_share` for the rest). Training cost per request stays flat.",
     )
-    replay_share: float = Field(0.5, gt=0.0, lt=1.0, description="anchored replay: the share of forget samples "
-                                "drawn from the earlier requests.")
+    replay_share: float = Field(0.5, gt=0.0, lt=1.0, description="anchored replay (replay_as 'forget'): the share "
+                                "of forget samples drawn from the earlier requests.")
+    replay_as: Literal["forget", "hold"] = Field(
+        "forget",
+        description="anchored replay: how the done requests join each new request's training. 'forget': as forget "
+        "targets again (pushed further from their pictures, `replay_share` of the forget samples, every one checked "
+        "by the rounds). 'hold': held where the serving version has them: each done request's output on the serving "
+        "weights, noised along its own sampling path, joins the remember term with the frozen serving network as its "
+        "teacher (as many hold samples per micro-batch as forget samples); the new request trains alone on the "
+        "forget side and its rounds check it alone, so training cost per request stays flat. Re-verification of "
+        "every done request on the new version is the same either way.",
+    )
     pull: float = Field(
         0.0, ge=0.0,
         description="L2 pull toward the original base weights (anchored, joint, merge): each step's gradient gets "

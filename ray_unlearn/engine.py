@@ -196,19 +196,32 @@ class Prepared:
     kept: torch.Tensor | None = None  # [targets] bool: still above the rounds' bar at the last check
     excess: float | None = None  # the last check's worst target: its SSCD minus the rounds' bar
     best_check: dict | None = None  # set by `train` when it ended on an earlier check's weights (train.round_keep_best)
+    # continual.replay_as 'hold': (the done requests' outputs on the serving weights [H,C,H,W] in [0,1],
+    # the initial noise each came from) and the frozen serving network; None: no hold term
+    hold: tuple[torch.Tensor, torch.Tensor] | None = None
+    hold_teacher: torch.nn.Module | None = None
 
     def data(self) -> UnlearnData:
         f = self.family
         forget = torch.stack([t.image for t in self.targets])
         if not self.others:
             return UnlearnData(f.encode(forget).cpu(), f.encode(self.surrogates).cpu(), f.encode(self.remember).cpu(),
-                               forget_weights=self.forget_weights, **self._forget_noise())
+                               forget_weights=self.forget_weights, **self._forget_noise(), **self._hold(False))
         # other prompts join the remember set: every sample then carries its prompt's embeddings
         remember = torch.cat([self.remember, *(o["remember"] for o in self.others.values())])
         prompts = [f.prompt] * len(self.remember) + [p for p, o in self.others.items() for _ in range(len(o["remember"]))]
         return UnlearnData(f.encode(forget).cpu(), f.encode(self.surrogates).cpu(), f.encode(remember).cpu(),
                            forget_cond=f.condition([f.prompt] * len(forget)), remember_cond=f.condition(prompts),
-                           forget_weights=self.forget_weights, **self._forget_noise())
+                           forget_weights=self.forget_weights, **self._forget_noise(), **self._hold(True))
+
+    def _hold(self, conditioned: bool) -> dict:
+        """The hold samples in the family's space (with the run prompt's condition when every sample
+        carries one), or nothing."""
+        if self.hold is None:
+            return {}
+        f, (images, noise) = self.family, self.hold
+        cond = f.condition([f.prompt] * len(images)) if conditioned else None
+        return {"hold": f.encode(images.to(f.device)).cpu(), "hold_noise": noise.float().cpu(), "hold_cond": cond}
 
     def _forget_noise(self) -> dict:
         """Where each target's sampling path starts (its initial noise, or its image's inversion), for
@@ -252,6 +265,25 @@ def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None, surrogate
     return Prepared(cfg, family, targets, edited, reference.remember, target_base, reference.integrity_base[:n],
                     dict(reference.cache_hits), anchor_teacher(cfg, family, base), others=reference.others,
                     surrogate_info=surrogate_info)
+
+
+def hold_set(prep: Prepared, specs: list[TargetSpec]) -> int:
+    """continual.replay_as 'hold': the done requests `specs` as hold samples of `prep`, taken from
+    the model about to train (the serving weights): each one's initial noise (its seed, else its
+    picture's inversion), the output the serving weights make from it, and a frozen copy of the
+    serving network as their teacher. Returns how many are held (a picture that cannot be inverted
+    is left out: it stays re-verified on every version)."""
+    f = prep.family
+    targets = resolve_targets(f, specs, generate=False)
+    path_starts(f, targets)
+    known = [t for t in targets if t.path_start is not None]
+    if not known:
+        return 0
+    noise = torch.stack([t.path_start.float().cpu() for t in known])
+    outputs = f.generate(noise.to(f.device))
+    prep.hold = (outputs.cpu(), noise)
+    prep.hold_teacher = copy.deepcopy(f.model).eval().requires_grad_(False)
+    return len(known)
 
 
 def path_starts(family: DiffusionFamily, targets: list[Target]) -> None:
@@ -307,7 +339,7 @@ def anchor_teacher(cfg: UnlearnConfig, family: DiffusionFamily, base: DiffusionF
 def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state: dict | None = None,
           progress: bool = True, on_step=None) -> UnlearnLoop:
     method = build_method(prep.cfg.method, prep.family)
-    method.teacher = prep.teacher
+    method.teacher, method.hold_teacher = prep.teacher, prep.hold_teacher
     loop = UnlearnLoop(prep.family, method, prep.data(), prep.cfg.train, reduce_grads, pull=prep.pull)
     if state is not None:
         loop.load_state_dict(state)

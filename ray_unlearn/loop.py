@@ -41,6 +41,12 @@ class UnlearnData:
     # [F] bool: which targets have one (a seed, a noise file or an inversion); None: none known
     forget_noise: torch.Tensor | None = None
     forget_noise_known: torch.Tensor | None = None
+    # [H, ...] hold samples (continual.replay_as 'hold'): done requests' outputs on the serving weights,
+    # with [H, ...] the initial noise each was sampled from; the remember term keeps the model's
+    # prediction on them where the frozen serving network has it. None: no hold term.
+    hold: torch.Tensor | None = None
+    hold_noise: torch.Tensor | None = None
+    hold_cond: dict | torch.Tensor | None = None
 
 
 GOLDEN = (5**0.5 - 1) / 2
@@ -150,6 +156,7 @@ class UnlearnLoop:
         self.forget_noise = None if data.forget_noise is None else data.forget_noise.to(dev)
         self.forget_noise_known = None if data.forget_noise is None else data.forget_noise_known.to(dev)
         self.remember = data.remember.to(dev)
+        self.hold = None if data.hold is None else (data.hold.to(dev), data.hold_noise.to(dev))
 
     def batch(self) -> dict:
         if self.cfg.forget_sampling == "spread":
@@ -166,7 +173,11 @@ class UnlearnLoop:
         forget = {"x0": self.forget[fi], "x_s": self.surrogate[fi], "cond": index_cond(self.data.forget_cond, fi)}
         if self.forget_noise is not None:
             forget |= {"noise": self.forget_noise[fi], "noise_known": self.forget_noise_known[fi]}
-        return {"forget": forget, "remember": {"x0": self.remember[ri], "cond": index_cond(self.data.remember_cond, ri)}}
+        out = {"forget": forget, "remember": {"x0": self.remember[ri], "cond": index_cond(self.data.remember_cond, ri)}}
+        if self.hold is not None:  # as many hold samples as forget samples, drawn alike
+            hi = torch.randint(0, len(self.hold[0]), (self.cfg.batch_forget,), generator=self.gen).to(self.hold[0].device)
+            out["hold"] = {"x0": self.hold[0][hi], "noise": self.hold[1][hi], "cond": index_cond(self.data.hold_cond, hi)}
+        return out
 
     def step(self) -> dict:
         t0 = time.perf_counter()

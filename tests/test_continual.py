@@ -134,6 +134,9 @@ def test_settings_a_batch_refuses_say_what_to_change():
     with pytest.raises(ConfigError, match="set continual.together=false"):
         check_continual(load_config(None, ["continual.strategy=merge", "continual.together=true"]))
     check_continual(load_config(None, ["continual.strategy=anchored", "continual.together=true"]))
+    with pytest.raises(ConfigError, match="set continual.replay_as=forget"):
+        check_continual(load_config(None, ["continual.replay_as=hold", "method.name=siss"]))
+    check_continual(load_config(None, ["continual.replay_as=hold"]))
     with pytest.raises(ConfigError, match="continual.strategy"):
         load_config(None, ["continual.strategy=stacked"])
     assert load_config().continual.strategy == "anchored"
@@ -208,7 +211,9 @@ class _Trainings:
                                "seeds": [t.spec.seed for t in prep.targets], "steps": prep.cfg.train.steps,
                                "teacher": prep.teacher is not None, "pull": prep.pull,
                                "remember": prep.cfg.remember.target, "forget_weights": prep.forget_weights,
-                               "train_seed": prep.cfg.train.seed})
+                               "train_seed": prep.cfg.train.seed,
+                               "hold": None if prep.hold is None else (prep.hold[1].clone(), {
+                                   n: p.detach().clone() for n, p in prep.hold_teacher.named_parameters()})})
             out = real(prep, *a, **kw)
             self.calls[-1]["after"] = {n: p.detach().clone() for n, p in prep.family.model.named_parameters()}
             return out
@@ -564,3 +569,45 @@ def test_which_verdicts_get_another_try_in_the_batch(case, retried):
         assert kind is None
     else:
         assert kind is not None and Batch._retriable(reason) is retried, reason
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("together", [False, True])
+def test_anchored_holds_done_requests_where_the_serving_version_has_them(together, tiny_model_dir, tmp_path,
+                                                                       monkeypatch):
+    """continual.replay_as=hold: a new request trains alone on the forget side; the done request (and,
+    one after another, the one passed earlier in the batch) is held: its seed's initial noise, with
+    the weights it trains from as the frozen teacher. Every request is still re-verified."""
+    from ray_unlearn.engine import load_family
+    from ray_unlearn.platform.tracking import Registry
+    from ray_unlearn.requests import Queue
+    from ray_unlearn.storage import open_store
+
+    store = tmp_path / "store"
+    first = _submit(store, 311)
+    hold = ["continual.replay_as=hold", f"continual.together={str(together).lower()}"]
+    assert _run(store, tmp_path, _overrides(tmp_path, "anchored", *hold)).version == 1
+    trainings = _Trainings(monkeypatch)
+    ids = [_submit(store, 529), _submit(store, 733)]
+    out = _run(store, tmp_path, _overrides(tmp_path, "anchored", *hold))
+    assert out.status == "promoted" and out.version == 2, out.message
+    q, reg = Queue(open_store(store)), Registry(f"sqlite:///{tmp_path}/mlflow.db", "continual")
+    assert all(q.get(rid).state == "done" for rid in ids) and {r["id"] for r in out.reverified} == {first, *ids}
+    fam = load_family(load_config(None, [f"model.path={_model(tmp_path)}"]), lora=False)
+    v1 = _weights(reg.get(1).source)
+    if together:
+        [t] = trainings.calls
+        assert t["seeds"] == [529, 733] and t["forget_weights"] is None and t["steps"] == 2 * 2
+        held = [[311]]
+    else:
+        t1, t2 = trainings.calls
+        assert t1["seeds"] == [529] and t2["seeds"] == [733] and t1["forget_weights"] is None
+        held = [[311], [311, 529]]
+    for t, seeds in zip(trainings.calls, held):
+        noise, teacher = t["hold"]
+        assert torch.equal(noise, fam.initial_noise(seeds).float())
+        assert _same(teacher, t["weights"])  # the teacher is the weights this training starts from
+    assert _same(trainings.calls[0]["hold"][1], v1, atol=1e-6)
+    if not together:  # the second request's teacher already has the first new one trained in
+        assert not _same(trainings.calls[1]["hold"][1], v1, atol=1e-6)
+    assert all(q.get(rid).evidence["settings"]["continual"]["replay_as"] == "hold" for rid in ids)

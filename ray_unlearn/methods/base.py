@@ -58,6 +58,10 @@ class Method:
         # A frozen copy of the ORIGINAL base network (remember.target='base'): the remember term
         # regresses onto its prediction instead of the noise. None: the noise (the paper's L_r).
         self.teacher: torch.nn.Module | None = None
+        # A frozen copy of the SERVING network at the request's start (continual.replay_as 'hold'): on
+        # the hold samples (done requests' outputs, noised along their own path) the remember term
+        # regresses onto its prediction, so what the serving version already forgot stays where it is.
+        self.hold_teacher: torch.nn.Module | None = None
 
     # helpers shared by the methods ----------------------------------------------------------
     def noised(self, x0: torch.Tensor, gen: torch.Generator, t_min: int = 0, noise: torch.Tensor | None = None):
@@ -89,14 +93,34 @@ class Method:
             anchor = self.family.predict(x_t, t, cond=part.get("cond"), model=self.teacher)
         return diffusion.per_sample_mse(pred, anchor), t
 
+    def hold_mse(self, part: dict, gen: torch.Generator) -> torch.Tensor:
+        """Per-sample error of the hold samples: each noised with its own initial noise (on its
+        sampling path) at a uniform timestep, against the frozen serving network's prediction."""
+        x0 = part["x0"]
+        t = self.timesteps(len(x0), gen)
+        x_t = self.family.add_noise(x0, part["noise"].to(x0.dtype), t)
+        pred = self.family.predict(x_t, t, cond=part.get("cond"))
+        with torch.no_grad():
+            anchor = self.family.predict(x_t, t, cond=part.get("cond"), model=self.hold_teacher)
+        return diffusion.per_sample_mse(pred, anchor)
+
+    def remember_term(self, per_sample: torch.Tensor, batch: Batch, gen: torch.Generator) -> tuple[torch.Tensor, Logs]:
+        """The remember loss from its (weighted) per-sample errors: their mean, with the hold
+        samples' errors (when the batch has them) counted as that many more remember samples."""
+        if "hold" not in batch or self.hold_teacher is None:
+            loss = per_sample.mean()
+            return loss, {"remember/loss": logged(loss)}
+        held = self.hold_mse(batch["hold"], gen)
+        loss = torch.cat([per_sample, held]).mean()
+        return loss, {"remember/loss": logged(loss), "hold/mse": logged(held.mean())}
+
     # the interface ----------------------------------------------------------------------------
     def forget_loss(self, batch: Batch, gen: torch.Generator) -> tuple[torch.Tensor, Logs]:
         raise NotImplementedError
 
     def remember_loss(self, batch: Batch, gen: torch.Generator) -> tuple[torch.Tensor, Logs]:
-        loss, _ = self.remember_mse(batch["remember"], gen)
-        loss = loss.mean()
-        return loss, {"remember/loss": logged(loss)}
+        mse, _ = self.remember_mse(batch["remember"], gen)
+        return self.remember_term(mse, batch, gen)
 
     def combine(self, g_f: Grads, g_r: Grads) -> tuple[Grads, Logs]:
         return [f + r for f, r in zip(g_f, g_r)], {}

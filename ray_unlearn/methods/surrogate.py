@@ -94,8 +94,8 @@ class SurrogateMethod(Method):
     def remember_loss(self, batch, gen):
         mse, t = self.remember_mse(batch["remember"], gen)
         w = 1 - self._weight(t) if self.cfg.remember_weighting == "complement" else torch.ones_like(t, dtype=torch.float32)
-        loss = (w * mse).mean()
-        return loss, {"remember/loss": logged(loss), "remember/mse": logged(mse)}
+        loss, logs = self.remember_term(w * mse, batch, gen)
+        return loss, {**logs, "remember/mse": logged(mse)}
 
     def combine(self, g_f, g_r):
         return surgery.combine(g_f, g_r, self.cfg.surgery)

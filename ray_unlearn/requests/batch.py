@@ -422,7 +422,7 @@ class Batch:
         except (RequestError, NotFoundError, StorageError) as err:
             self.moves.fail(rec.id, f"its image cannot be used: {err}")
             return
-        earlier = self._replayed()
+        earlier, held = self._replayed_split()
         cfg = self._request_cfg([*earlier, TargetSpec(image=str(path), seed=rec.seed, prompt=rec.prompt)])
         if retry:  # another draw of the noise and batches, on the weights the rest of the batch left
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": cfg.train.seed + retry})})
@@ -435,6 +435,7 @@ class Batch:
         try:
             prep = engine.prepare(cfg, trainer, reference=self.ref, base=self.base)
             prep.pull = self._pull(trainer)
+            self._hold(prep, held)
             if k:  # anchored replay: the new target keeps 1 - replay_share of every forget batch
                 share = self.cfg.continual.replay_share
                 prep.forget_weights = torch.tensor([share / k] * k + [1.0 - share])
@@ -467,6 +468,17 @@ class Batch:
             return []
         passed = [TargetSpec(seed=r.seed, prompt=r.prompt) for r, _ in self.passed if r.seed is not None]
         return [*self.earlier_specs, *passed]
+
+    def _replayed_split(self) -> tuple[list[TargetSpec], list[TargetSpec]]:
+        """(earlier requests trained as forget targets, earlier requests held): replay_as decides."""
+        earlier = self._replayed()
+        return ([], earlier) if self.cfg.continual.replay_as == "hold" else (earlier, [])
+
+    def _hold(self, prep, held: list[TargetSpec]) -> None:
+        """replay_as 'hold': the done requests held where the serving weights have them."""
+        if held:
+            n = engine.hold_set(prep, held)
+            logger.info("anchored replay: %d of %d done request(s) held where the serving version has them", n, len(held))
 
     def _produced(self, rec: RequestRecord, sscd_base: float) -> tuple[bool, dict | None]:
         """Gate 0, before any training: the base model must produce the picture (its output for the
@@ -638,13 +650,14 @@ class Batch:
                 self.moves.fail(rec.id, f"its image cannot be used: {err}")
         if not new:
             return
-        earlier = self.earlier_specs if self.strategy == "joint" else self._replayed()
+        earlier, held = (self.earlier_specs, []) if self.strategy == "joint" else self._replayed_split()
         k = len(earlier)
         cfg = self._request_cfg([*earlier, *(TargetSpec(image=str(p), seed=r.seed, prompt=r.prompt) for r, p in new)])
         self._restore(self.start)
         active = []  # (request, target index, picture emb, base output emb, sscd_base, override)
         try:
             prep = engine.prepare(cfg, self.family, reference=self.ref, base=self.base)
+            self._hold(prep, held)
             pictures = torch.stack([t.image for t in prep.targets[k:]]).cpu()
             emb = self.metrics.sscd_embed(torch.cat([pictures, prep.target_base[k:].cpu()]))
             n = len(new)
@@ -760,6 +773,9 @@ class Batch:
                     "accept_margin": self.accept_margin}
         if k.strategy == "merge":
             strategy.update(merge_method=k.merge_method, ties_density=k.ties_density)
+        if k.strategy == "anchored":
+            strategy.update(replay=k.replay, **({"replay_as": k.replay_as} if k.replay else {}),
+                            **({"replay_share": k.replay_share} if k.replay and k.replay_as == "forget" else {}))
         if k.strategy == "joint":
             strategy.update(joint_steps_per_request=k.joint_steps_per_request)
         else:

@@ -262,6 +262,9 @@ def check_continual(cfg) -> None:
         raise ConfigError("continual.together trains a batch's requests in one training, but merge keeps one delta "
                           "per request, trained alone: set continual.together=false, or use continual.strategy=anchored "
                           "or joint (joint always trains together)")
+    if c.replay_as == "hold" and cfg.method.name == "siss":
+        raise ConfigError("continual.replay_as=hold adds hold samples to the remember term, which SISS's "
+                          "importance-weighted loss does not have: set continual.replay_as=forget, or another method")
     lora = cfg.model.lora is not None or (cfg.model.family == "sd3" and not cfg.model.sd3.full_finetune)
     if c.strategy == "anchored" and c.pull > 0 and lora:
         raise ConfigError("continual.pull under anchored pulls the trained weights toward the original base's, which "
