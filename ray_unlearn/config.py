@@ -403,8 +403,16 @@ class ContinualConfig(_Strict):
         "by the rounds). 'hold': held where the serving version has them: each done request's output on the serving "
         "weights, noised along its own sampling path, joins the remember term with the frozen serving network as its "
         "teacher (as many hold samples per micro-batch as forget samples); the new request trains alone on the "
-        "forget side and its rounds check it alone, so training cost per request stays flat. Re-verification of "
-        "every done request on the new version is the same either way.",
+        "forget side and its rounds check it alone, so training cost per request stays flat. A done request "
+        "whose output on those weights is less than `hold_margin` under the threshold is not held but forgotten "
+        "again (as with 'forget'), so it is pushed back under before a new request can tip it over. "
+        "Re-verification of every done request on the new version is the same either way.",
+    )
+    hold_margin: float | None = Field(
+        None, ge=0.0, le=0.5,
+        description="replay_as 'hold': how far under the forget threshold a done request's output must be, on the "
+        "weights about to train, to be held rather than forgotten again; null = train.round_margin (what the "
+        "rounds aim for). 0 = hold every done request.",
     )
     pull: float = Field(
         0.0, ge=0.0,

@@ -575,9 +575,10 @@ def test_which_verdicts_get_another_try_in_the_batch(case, retried):
 @pytest.mark.parametrize("together", [False, True])
 def test_anchored_holds_done_requests_where_the_serving_version_has_them(together, tiny_model_dir, tmp_path,
                                                                        monkeypatch):
-    """continual.replay_as=hold: a new request trains alone on the forget side; the done request (and,
-    one after another, the one passed earlier in the batch) is held: its seed's initial noise, with
-    the weights it trains from as the frozen teacher. Every request is still re-verified."""
+    """continual.replay_as=hold (hold_margin 0: every done request far enough under): a new request
+    trains alone on the forget side; the done request (and, one after another, the one passed earlier
+    in the batch) is held: its seed's initial noise, with the weights it trains from as the frozen
+    teacher. Every request is still re-verified."""
     from ray_unlearn.engine import load_family
     from ray_unlearn.platform.tracking import Registry
     from ray_unlearn.requests import Queue
@@ -585,7 +586,7 @@ def test_anchored_holds_done_requests_where_the_serving_version_has_them(togethe
 
     store = tmp_path / "store"
     first = _submit(store, 311)
-    hold = ["continual.replay_as=hold", f"continual.together={str(together).lower()}"]
+    hold = ["continual.replay_as=hold", "continual.hold_margin=0", f"continual.together={str(together).lower()}"]
     assert _run(store, tmp_path, _overrides(tmp_path, "anchored", *hold)).version == 1
     trainings = _Trainings(monkeypatch)
     ids = [_submit(store, 529), _submit(store, 733)]
@@ -611,3 +612,33 @@ def test_anchored_holds_done_requests_where_the_serving_version_has_them(togethe
     if not together:  # the second request's teacher already has the first new one trained in
         assert not _same(trainings.calls[1]["hold"][1], v1, atol=1e-6)
     assert all(q.get(rid).evidence["settings"]["continual"]["replay_as"] == "hold" for rid in ids)
+
+
+@pytest.mark.slow
+def test_a_done_request_near_the_threshold_is_forgotten_again_not_held(tiny_model_dir, tmp_path, monkeypatch):
+    """replay_as=hold judges each done request on the weights about to train: one less than hold_margin
+    under the threshold joins the forget set again (at replay_share), the others are held."""
+    from ray_unlearn.requests import batch
+
+    store = tmp_path / "store"
+    first, second = _submit(store, 311), _submit(store, 529)
+    assert _run(store, tmp_path, _overrides(tmp_path, "anchored", "continual.batch_retries=0")).version == 1
+    real, judged = batch.verify, []
+
+    def verify(family, metrics, checks, bound):  # the first request sits 0.01 under the threshold 0.999
+        rows = real(family, metrics, checks, bound)
+        judged.append(sorted(r["id"] for r in rows))
+        return [{**r, "sscd": 0.989} if r["id"] == first else {**r, "sscd": 0.5} for r in rows]
+
+    monkeypatch.setattr(batch, "verify", verify)
+    trainings = _Trainings(monkeypatch)
+    _submit(store, 733)
+    out = _run(store, tmp_path, _overrides(tmp_path, "anchored", "continual.replay_as=hold", "continual.hold_margin=0.02"))
+    assert out.status == "promoted", out.message
+    [t] = trainings.calls
+    assert judged[1] == sorted([first, second])  # after the batch's start check: both judged before the training
+    assert t["seeds"] == [311, 733] and torch.allclose(t["forget_weights"], torch.tensor([0.5, 0.5]))
+    noise, _ = t["hold"]  # 529, 0.5 under the threshold, is held
+    from ray_unlearn.engine import load_family
+    fam = load_family(load_config(None, [f"model.path={_model(tmp_path)}"]), lora=False)
+    assert torch.equal(noise, fam.initial_noise([529]).float())

@@ -113,6 +113,7 @@ class Batch:
         self.deltas: dict[str, dict] = {}  # merge: the passed requests' deltas, in order
         self.lineage_deltas: list[dict] = []  # merge: the deltas of the requests along the lineage
         self.earlier_specs: list[TargetSpec] = []  # joint: the lineage's requests as targets
+        self.earlier_ids: list[str] = []  # the request id of each of earlier_specs
         self.accept_margin = continual.accept_margin(self.cfg)
         self.retry: list[tuple[RequestRecord, str]] = []  # one by one: requests to try again after the rest
         self.tries: dict[str, list[str]] = {}  # why each retried request's earlier tries did not pass
@@ -340,6 +341,7 @@ class Batch:
         for rid, e in self.earlier_evidence.items():
             if e.get("seed") is not None:
                 self.earlier_specs.append(TargetSpec(seed=int(e["seed"]), prompt=e.get("prompt")))
+                self.earlier_ids.append(rid)
                 continue
             try:
                 png = self.ctx.queue.read_image(rid)
@@ -349,6 +351,7 @@ class Batch:
             path = self.tmp / f"earlier-{rid}.png"
             path.write_bytes(png)
             self.earlier_specs.append(TargetSpec(image=str(path), prompt=e.get("prompt")))
+            self.earlier_ids.append(rid)
         return gone
 
     def _request_cfg(self, targets: list[TargetSpec]):
@@ -466,19 +469,39 @@ class Batch:
         batch, as forget targets for the next request (regenerated from the base by their seed)."""
         if self.strategy != "anchored" or not self.cfg.continual.replay:
             return []
-        passed = [TargetSpec(seed=r.seed, prompt=r.prompt) for r, _ in self.passed if r.seed is not None]
-        return [*self.earlier_specs, *passed]
+        return [spec for _, spec in self._replayed_by_id()]
+
+    def _replayed_by_id(self) -> list[tuple[str, TargetSpec]]:
+        if self.strategy != "anchored" or not self.cfg.continual.replay:
+            return []
+        passed = [(r.id, TargetSpec(seed=r.seed, prompt=r.prompt)) for r, _ in self.passed if r.seed is not None]
+        return [*zip(self.earlier_ids, self.earlier_specs), *passed]
 
     def _replayed_split(self) -> tuple[list[TargetSpec], list[TargetSpec]]:
-        """(earlier requests trained as forget targets, earlier requests held): replay_as decides."""
-        earlier = self._replayed()
-        return ([], earlier) if self.cfg.continual.replay_as == "hold" else (earlier, [])
+        """(earlier requests trained as forget targets, earlier requests held). replay_as 'forget':
+        all of them forgotten again. 'hold': each is judged on the weights about to train; one at
+        least `hold_margin` under the threshold is held, one closer to it (or not judged) is
+        forgotten again, so that it is pushed back under before a new request can tip it over."""
+        pairs = self._replayed_by_id()
+        c = self.cfg.continual
+        if c.replay_as == "forget" or not pairs:
+            return [spec for _, spec in pairs], []
+        margin = self.cfg.train.round_margin if c.hold_margin is None else c.hold_margin
+        ids = {rid for rid, _ in pairs}
+        rows = {r["id"]: r for r in verify(self.family, self.metrics, [x for x in self.checks if x.id in ids], self.bound)}
+        safe = {rid for rid, r in rows.items() if r["sscd"] is not None and r["sscd"] < self.threshold["value"] - margin}
+        again = [spec for rid, spec in pairs if rid not in safe]
+        logger.info("anchored replay: %d done request(s) held, %d within %.3f of the threshold forgotten again",
+                    len(pairs) - len(again), len(again), margin)
+        return again, [spec for rid, spec in pairs if rid in safe]
 
     def _hold(self, prep, held: list[TargetSpec]) -> None:
         """replay_as 'hold': the done requests held where the serving weights have them."""
         if held:
             n = engine.hold_set(prep, held)
-            logger.info("anchored replay: %d of %d done request(s) held where the serving version has them", n, len(held))
+            if n < len(held):
+                logger.info("anchored replay: %d done request(s) without a path start (no seed, no inversion) not held",
+                            len(held) - n)
 
     def _produced(self, rec: RequestRecord, sscd_base: float) -> tuple[bool, dict | None]:
         """Gate 0, before any training: the base model must produce the picture (its output for the
@@ -774,8 +797,9 @@ class Batch:
         if k.strategy == "merge":
             strategy.update(merge_method=k.merge_method, ties_density=k.ties_density)
         if k.strategy == "anchored":
-            strategy.update(replay=k.replay, **({"replay_as": k.replay_as} if k.replay else {}),
-                            **({"replay_share": k.replay_share} if k.replay and k.replay_as == "forget" else {}))
+            strategy.update(replay=k.replay, **({"replay_as": k.replay_as, "replay_share": k.replay_share} if k.replay else {}),
+                            **({"hold_margin": c.train.round_margin if k.hold_margin is None else k.hold_margin}
+                               if k.replay and k.replay_as == "hold" else {}))
         if k.strategy == "joint":
             strategy.update(joint_steps_per_request=k.joint_steps_per_request)
         else:
