@@ -72,7 +72,8 @@ def default_arms(presets: tuple[str, ...] = ("paper",)) -> list[Arm]:
 def parse_arm(spec: str) -> Arm:
     """`LABEL=METHOD@PRESET[,key=value...]` (e.g. `lr1e-4=surrogate@demo,train.lr=1e-4,train.steps=60`):
     one extra arm with its own config values (a tuning grid's candidate); `pareto=PATH` stands for
-    the settings of the point a search chose (`searched_sets`)."""
+    the settings of the point a search chose, `front=PATH` for its most intact front point that
+    forgot the target even when that point failed another gate (`searched_sets`)."""
     label, sep, rest = spec.partition("=")
     head, *sets = rest.split(",")
     method, at, preset = head.partition("@")
@@ -83,28 +84,37 @@ def parse_arm(spec: str) -> Arm:
     if bad:
         raise ValueError(f"bad --arm {spec!r}: {', '.join(bad)} is not key=value (LABEL=METHOD@PRESET,key=value,...)")
     expanded, searched = [], None
-    for x in sets:  # pareto=PATH: the settings of the point a search chose (its pareto.json)
+    for x in sets:  # pareto=PATH / front=PATH: the settings of a point of a search (its pareto.json)
         key, _, value = x.partition("=")
-        if key == "pareto":
+        if key in ("pareto", "front"):
             searched = value
-        expanded += searched_sets(Path(value), method) if key == "pareto" else [x]
+        expanded += searched_sets(Path(value), method, key) if key in ("pareto", "front") else [x]
     return Arm(method, preset, tuple(expanded), label, searched)
 
 
-def searched_sets(path: Path, method: str) -> list[str]:
-    """The point a search chose (`chosen` in its pareto.json: the most intact front point that
-    passed every gate) as key=value settings: an arm at the method's best Pareto point. Run the
-    search on a tuning seed (table.TUNING_RNG_SEED), never on the table's targets."""
+def searched_sets(path: Path, method: str, key: str = "pareto") -> list[str]:
+    """A point of a search as key=value settings. key 'pareto': the point it chose (`chosen` in its
+    pareto.json: the most intact front point that passed every gate), the method's best point.
+    key 'front': the most intact front point that forgot the target, passed or not: where nothing
+    passed, the best trade-off the search found. Run the search on a tuning seed
+    (table.TUNING_RNG_SEED), never on the table's targets."""
     if not path.is_file():
-        raise ValueError(f"pareto={path}: no such file; give the pareto.json of a `ray-unlearn search --out DIR`")
+        raise ValueError(f"{key}={path}: no such file; give the pareto.json of a `ray-unlearn search --out DIR`")
     summary = json.loads(path.read_text())
     if summary.get("method") != method:
-        raise ValueError(f"pareto={path} is a search of {summary.get('method')!r}, not {method!r}")
-    chosen = summary.get("chosen")
-    if not chosen:
+        raise ValueError(f"{key}={path} is a search of {summary.get('method')!r}, not {method!r}")
+    point = summary.get("chosen")
+    if key == "front":
+        forgot = [p for p in summary.get("front") or [] if p.get("forgotten")]
+        point = max(forgot, key=lambda p: p["integrity"], default=None)
+        if point is None:
+            raise ValueError(f"front={path}: no point on the search's front forgot the target, so the method has no "
+                             "trade-off to run; widen the search space or report it as such")
+    if not point:
         raise ValueError(f"pareto={path}: the search chose no point (none on its front passed every gate), so "
-                         "the method has no best point to run; search longer or report it as such")
-    return [f"{k}={v}" for k, v in chosen["params"].items()]
+                         "the method has no best point to run; use front={path} for its best front point that "
+                         "forgot the target, search longer, or report it as such")
+    return [f"{k}={v}" for k, v in point["params"].items()]
 
 
 @dataclass

@@ -60,6 +60,21 @@ def test_an_arm_at_a_searchs_chosen_point_takes_its_settings_and_refuses_what_it
         parse_arm(f"best=neggrad@demo,pareto={tmp_path / 'nope.json'}")
 
 
+def test_an_arm_at_a_searchs_front_takes_its_most_intact_point_that_forgot(tmp_path):
+    front = [{"params": {"train.lr": 1e-4, "train.steps": 20}, "integrity": 0.45, "forgotten": True, "passed": False},
+             {"params": {"train.lr": 5e-5, "train.steps": 30}, "integrity": 0.52, "forgotten": True, "passed": False},
+             {"params": {"train.lr": 1e-6, "train.steps": 10}, "integrity": 0.99, "forgotten": False, "passed": False}]
+    path = tmp_path / "pareto.json"
+    path.write_text(json.dumps({"method": "siss", "front": front, "chosen": None}))
+    arm = parse_arm(f"front=siss@demo,front={path}")
+    assert arm.sets == ("train.lr=5e-05", "train.steps=30") and arm.searched == str(path)
+    with pytest.raises(ValueError, match="use front="):
+        parse_arm(f"best=siss@demo,pareto={path}")
+    path.write_text(json.dumps({"method": "siss", "front": front[2:], "chosen": None}))
+    with pytest.raises(ValueError, match="no point on the search's front forgot"):
+        parse_arm(f"front=siss@demo,front={path}")
+
+
 def _row(seed, sscd, forgotten, ssim, fid=None, spec=None):
     return {"seed": seed, "sscd": sscd, "forgotten": forgotten, "passed": forgotten, "ssim": ssim, "lpips": None,
             "fid": fid, "why": None if forgotten else "SSCD not below the threshold", "specificity": spec or {}}
