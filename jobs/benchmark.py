@@ -20,7 +20,8 @@ measured side by side in one run.
     python jobs/benchmark.py --table --targets 4 --rng-seed 1107 --arm NAME=surrogate@demo,train.lr=1e-4 ...
         a tuning grid: only the given arms, on seeds from the tuning RNG (never Table I's)
     python jobs/benchmark.py --table --arm best=siss@demo,pareto=runs/search-siss/pareto.json ...
-        a method at the point a search (`ray-unlearn search --out DIR`) chose
+        a method at the point a search (`ray-unlearn search --out DIR`) chose; front=PATH instead: its
+        most intact front point that forgot the target (for a search that chose none)
     python jobs/benchmark.py --continual [--requests 20] [--strategies sequential anchored joint merge] [--tiny]
             [--budget-minutes M] [--out runs/bench-continual]
         many deletion requests in a row through the real queue and processor, once per continual
