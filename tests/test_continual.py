@@ -461,7 +461,8 @@ def test_anchored_trains_a_batchs_requests_together_on_the_serving_weights(toget
     assert _run(store, tmp_path, _overrides(tmp_path, "anchored")).version == 1
     trainings = _Trainings(monkeypatch)
     ids = [_submit(store, 529), _submit(store, 733)]
-    out = _run(store, tmp_path, _overrides(tmp_path, "anchored", f"continual.together={str(together).lower()}"))
+    out = _run(store, tmp_path, _overrides(tmp_path, "anchored", f"continual.together={str(together).lower()}",
+                                           "continual.replay_as=forget"))
     assert out.status == "promoted" and out.version == 2, out.message
     q, reg = Queue(open_store(store)), Registry(f"sqlite:///{tmp_path}/mlflow.db", "continual")
     v1 = _weights(reg.get(1).source)

@@ -811,14 +811,15 @@ def test_anchored_replay_trains_each_request_with_the_done_ones_and_the_new_targ
     store, uri, name = tmp_path / "store", f"sqlite:///{tmp_path}/mlflow.db", "tiny"
     cfg = tiny_config(tiny_model_dir, tmp_path)
     first = submit(store, [11, 12])
-    out, lines = _process(store, cfg, uri, name, limit=10)
+    out, lines = _process(store, cfg, uri, name, limit=10, overrides=["continual.replay_as=forget"])
     assert out.status == "promoted", lines
     # in the first batch, the second request already replays the first (passed in this batch)
     assert [t.spec.seed for t in seen[0].targets] == [11] and [t.spec.seed for t in seen[1].targets] == [11, 12]
     assert seen[1].forget_weights.tolist() == pytest.approx([0.5, 0.5])
     seen.clear()
     later = submit(store, [21])
-    out2, lines2 = _process(store, cfg, uri, name, overrides=["continual.replay_share=0.25"])
+    out2, lines2 = _process(store, cfg, uri, name, overrides=["continual.replay_share=0.25",
+                                                                "continual.replay_as=forget"])
     assert out2.status == "promoted" and any("anchored replay: 2 earlier" in line for line in lines2), lines2
     prep = seen[0]
     assert [t.spec.seed for t in prep.targets] == [11, 12, 21]
