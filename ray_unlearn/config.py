@@ -397,8 +397,9 @@ class ContinualConfig(_Strict):
     replay_share: float = Field(0.5, gt=0.0, lt=1.0, description="anchored replay (replay_as 'forget'): the share "
                                 "of forget samples drawn from the earlier requests.")
     # replay_as hold, hold_margin 0.06: on the tuning requests (Random(1107)), 12 in a row, forget / hold 0.03 /
-    # hold 0.06: 10 / 10 / 11 of 12 done, training s per request (first 5 -> last 5) 44 -> 130 / 31 -> 32 / flat;
-    # two batches of six: 5 + 6 / 6 + 4 / 6 + 6 (docs/benchmarks.md "Holding the done requests").
+    # hold 0.06: 10 / 10 / 10 of 12 done, final SSIM 0.913 / 0.877 / 0.899, training s per request (first 5 ->
+    # last 5) 44 -> 130 / 31 -> 32 / 31 -> 81; the second batch of six 6 / 4 / 6 done, the first 5 / 6 / -
+    # (docs/benchmarks.md "Holding the done requests").
     replay_as: Literal["forget", "hold"] = Field(
         "hold",
         description="anchored replay: how the done requests join each new request's training. 'forget': as forget "

@@ -327,11 +327,13 @@ class Batch:
                     len(self.earlier_specs), sum(s.seed is not None for s in self.earlier_specs))
 
     def _start_replay(self) -> None:
-        """anchored replay: the lineage's done requests as forget targets, regenerated from the base
+        """anchored replay: the lineage's done requests as targets (held or forgotten again), regenerated from the base
         by their seed, or their kept picture; one whose picture is gone is skipped (it stays
         re-verified on every version, as without replay)."""
         skipped = len(self._lineage_specs())
-        logger.info("anchored replay: %d earlier request(s) join each request's forget set%s", len(self.earlier_specs),
+        how = ("are held (those near the threshold forgotten again)" if self.cfg.continual.replay_as == "hold"
+               else "join each request's forget set")
+        logger.info("anchored replay: %d earlier request(s) %s%s", len(self.earlier_specs), how,
                     f" ({skipped} without seed or picture left out)" if skipped else "")
 
     def _lineage_specs(self) -> list[str]:
