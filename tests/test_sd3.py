@@ -218,3 +218,30 @@ def test_loop_batches_carry_conditions_indexed_like_the_samples(fam):
 def test_lora_rank_alone_keeps_the_sd3_targets():
     family = make_family(lora=LoraSettings(rank=4))
     assert family.lora.rank == 4 and sorted(family.lora.target_modules) == sorted(SD3_LORA_TARGETS)
+
+
+def test_hold_on_sd3_with_a_lora_keeps_the_serving_adapter_as_teacher_and_trains_only_the_adapter():
+    """continual.replay_as=hold on the sd3 family with a LoRA: the hold set is the serving model's
+    latent output for each done seed, the teacher a frozen copy (adapter included) that training
+    leaves untouched, and a loop step with hold samples moves only the adapter."""
+    from types import SimpleNamespace
+
+    from ray_unlearn.config import TargetSpec
+    from ray_unlearn.engine import hold_set
+
+    f = make_family(lora=LoraSettings(rank=2))
+    prep = SimpleNamespace(family=f, hold=None, hold_teacher=None)
+    assert hold_set(prep, [TargetSpec(seed=3, prompt=PROMPT)]) == 1
+    images, noise = prep.hold
+    assert images.shape[0] == 1 and torch.equal(noise, f.initial_noise([3]).float().cpu())
+    teacher = {n: p.detach().clone() for n, p in prep.hold_teacher.named_parameters()}
+    x = f.encode(torch.rand(4, 3, 32, 32)).cpu()
+    data = UnlearnData(x[:1], x[:1].flip(-1), x, hold=f.encode(images.to(f.device)).cpu(), hold_noise=noise)
+    method = build_method(SurrogateMethodConfig(), f)
+    method.hold_teacher = prep.hold_teacher
+    before = {n: p.detach().clone() for n, p in f.model.named_parameters()}
+    logs = UnlearnLoop(f, method, data, TrainConfig(steps=1, batch_forget=1, batch_remember=2, lr=1e-3)).step()
+    assert "hold/mse" in logs and torch.isfinite(torch.as_tensor(logs["hold/mse"]))
+    moved = {n for n, p in f.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora" in n for n in moved)
+    assert all(torch.equal(p, teacher[n]) for n, p in prep.hold_teacher.named_parameters())
