@@ -348,7 +348,7 @@ def _bare_batch(strategy, evidence, ctx, tmp_path, **cfg_over):
 
     b = Batch.__new__(Batch)
     b.strategy, b.earlier_evidence, b.ctx, b.tmp = strategy, evidence, ctx, tmp_path
-    b.earlier_specs, b.lineage_deltas, b.deltas = [], [], {}
+    b.earlier_specs, b.earlier_ids, b.lineage_deltas, b.deltas = [], [], [], {}
     b.cfg = load_config(None, [f"continual.strategy={strategy}", *cfg_over.get("overrides", [])])
     return b
 
@@ -362,6 +362,7 @@ def test_joint_stops_on_a_seedless_earlier_request_whose_picture_is_gone(tmp_pat
     b = _bare_batch("joint", {"req-a": {"seed": 5}, "req-c": {"seed": None}}, _Ctx(images={"req-c": b"png"}), tmp_path)
     b._start_joint()  # a kept picture is enough: the seeded one from its seed, the other from its picture
     assert [s.seed for s in b.earlier_specs] == [5, None] and (tmp_path / "earlier-req-c.png").read_bytes() == b"png"
+    assert b.earlier_ids == ["req-a", "req-c"]  # each spec's request, for replay_as=hold's judgement
 
 
 def test_merge_refuses_a_tampered_delta(tmp_path):
