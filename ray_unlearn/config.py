@@ -369,10 +369,10 @@ class ContinualConfig(_Strict):
     only; `ray-unlearn unlearn` ignores it). docs/requests.md "Continual strategies"."""
 
     # "anchored": its remember term is the one measured on single requests (8 drawn seeds: integrity SSIM
-    # 0.62 -> 0.75, docs/benchmarks.md "Anchored remember term"), and it keeps training cost per request
-    # flat. On demo-faces, 20 requests in a row at today's defaults: 12 done, final SSIM 0.901, FID 1.33x the
-    # first version's, every done one still forgotten (docs/benchmarks.md "Continual benchmark"); the other
-    # strategies were measured only at earlier defaults.
+    # 0.62 -> 0.75, docs/benchmarks.md "Anchored remember term"). On demo-faces, 20 requests in a row at the
+    # defaults before in-batch retries and hold: 12 done, final SSIM 0.901, FID 1.33x the first version's,
+    # every done one still forgotten (docs/benchmarks.md "Continual benchmark"); the other strategies were
+    # measured only at earlier defaults.
     strategy: Literal["sequential", "anchored", "joint", "merge"] = Field(
         "anchored",
         description="'sequential': each request trains on top of the current weights and remember.target 'auto' "
