@@ -466,14 +466,9 @@ class Batch:
         if self._gates(rec, measured, sscd_base, snap, retry):
             self._accept(rec, measured, sscd_base, started, override)
 
-    def _replayed(self) -> list[TargetSpec]:
-        """anchored replay (continual.replay): the lineage's done requests and those passed in this
-        batch, as forget targets for the next request (regenerated from the base by their seed)."""
-        if self.strategy != "anchored" or not self.cfg.continual.replay:
-            return []
-        return [spec for _, spec in self._replayed_by_id()]
-
     def _replayed_by_id(self) -> list[tuple[str, TargetSpec]]:
+        """anchored replay (continual.replay): the lineage's done requests and those passed in this
+        batch, each with its request id (regenerated from the base by their seed, or a kept picture)."""
         if self.strategy != "anchored" or not self.cfg.continual.replay:
             return []
         passed = [(r.id, TargetSpec(seed=r.seed, prompt=r.prompt)) for r, _ in self.passed if r.seed is not None]
