@@ -6,8 +6,8 @@ import pytest
 
 from ray_unlearn.methods import METHODS
 from ray_unlearn.table import (
-    SEED_POOL, TABLE_RNG_SEED, TUNING_RNG_SEED, Arm, TableOptions, aggregate, default_arms, ordering_check, parse_arm,
-    render_markdown, table_seeds,
+    SEED_POOL, TABLE_RNG_SEED, TUNING_RNG_SEED, Arm, TableOptions, aggregate, default_arms, ordering_arms,
+    ordering_check, parse_arm, render_markdown, table_seeds,
 )
 
 
@@ -130,3 +130,17 @@ def test_tiny_table_writes_every_output(tmp_path, tiny_model_dir):
     assert w > h  # 2 target rows x (1 + 4) columns
     # the paper preset reached each run's config (NegGrad's 10 steps are overridden by --set train.steps)
     assert all(r["train"]["steps"] == 2 for rows in table["runs"].values() for r in rows)
+
+
+def test_the_ordering_compares_searched_points_too_but_not_a_grids_candidates(tmp_path):
+    front = [{"params": {"train.lr": 3e-5}, "integrity": 0.9, "forgotten": True, "passed": True}]
+    paths = {}
+    for m in ("surrogate", "siss"):
+        paths[m] = tmp_path / f"{m}.json"
+        paths[m].write_text(json.dumps({"method": m, "front": front, "chosen": front[0]}))
+    arms = [parse_arm(f"surrogate-best=surrogate@demo,pareto={paths['surrogate']}"),
+            parse_arm(f"siss-front=siss@demo,front={paths['siss']}"),
+            parse_arm("fast=surrogate@demo,train.lr=1e-4"), parse_arm("slow=neggrad@demo,train.lr=1e-6")]
+    assert ordering_arms(arms) == [("surrogate-best", ["siss-front"])]
+    paper = ["neggrad@paper", "erasediff@paper", "siss@paper"]
+    assert ordering_arms(default_arms(("paper",))) == [("surrogate@paper", paper)]
