@@ -464,7 +464,8 @@ class ContinualConfig(_Strict):
     batch_retries: int = Field(
         1, ge=0, le=3,
         description="One request after another (sequential, anchored, merge): a request that was not forgotten (or by "
-        "less than accept_margin) or that brought an earlier one back tries again after the rest of the batch, on "
+        "less than accept_margin), that brought an earlier one back, or that moved too many unrelated outputs "
+        "(collateral forgetting, with the integrity SSIM inside its bound) tries again after the rest of the batch, on "
         "the weights then and with the next train.seed, up to this many times; its last try decides (earlier tries' "
         "reasons are in the evidence). Near the threshold the outcome of one try is partly chance. 0 = one try.",
     )

@@ -223,20 +223,25 @@ def target_verdict(below_threshold: bool, artifact: bool, specific: bool | None 
 def integrity_gate(cfg: EvalConfig, integrity: dict, spec: dict | None) -> dict:
     """The integrity gate, on `integrity_figures` plus `specificity_figures` (None: SSCD was
     unavailable): mean SSIM at least `cfg.min_integrity_ssim` AND collateral forgetting at most
-    `cfg.max_collateral`. Sets min_ssim, collateral, max_collateral, ok and why (None when ok) on
+    `cfg.max_collateral`. Sets min_ssim, collateral, max_collateral, ok, why (None when ok) and
+    failed (which rules failed: 'ssim', 'collateral'; `integrity_by_prompt` adds 'prompt_ssim') on
     `integrity` and returns it."""
-    why = []
+    why, failed = [], []
     if integrity.get("ssim") is None:
         why.append("SSIM unavailable")
+        failed.append("ssim")
     elif integrity["ssim"] < cfg.min_integrity_ssim:
         why.append(f"SSIM {integrity['ssim']} below {cfg.min_integrity_ssim}")
+        failed.append("ssim")
     collateral = None if spec is None else spec["collateral"]
     if collateral is None:
         why.append("collateral forgetting not measured (SSCD unavailable)")
+        failed.append("collateral")
     elif collateral > cfg.max_collateral:
         why.append(f"collateral forgetting {collateral:.1%} of unrelated outputs above {cfg.max_collateral:.1%}")
+        failed.append("collateral")
     integrity.update(min_ssim=cfg.min_integrity_ssim, collateral=collateral, max_collateral=cfg.max_collateral,
-                     ok=not why, why="; ".join(why) or None)
+                     ok=not why, why="; ".join(why) or None, failed=failed)
     return integrity
 
 
@@ -365,6 +370,7 @@ def integrity_by_prompt(cfg: EvalConfig, metrics: Metrics, result: dict, base: t
         why = "; ".join(f"SSIM {r['ssim']} on {r['prompt']!r} below {cfg.min_integrity_ssim}" for r in failing)
         integrity["why"] = "; ".join(w for w in (integrity.get("why"), why) if w)
         integrity["ok"] = False
+        integrity["failed"] = [*integrity.get("failed", []), "prompt_ssim"]
     integrity["prompts"] = rows
     integrity["unavailable"].update(unavailable)
     result["passed"] = bool(result["all_forgotten"] and integrity["ok"])

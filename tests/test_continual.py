@@ -548,11 +548,14 @@ def test_a_lora_delta_is_the_merged_adapter_on_the_layers_it_adapts():
 
 
 @pytest.mark.parametrize("case, retried", [("not_forgotten", True), ("short_of_margin", True), ("brought_back", True),
-                                           ("integrity", False), ("collateral", False), ("passes", None)])
+                                           ("integrity", False), ("collateral", True),
+                                           ("integrity_and_collateral", False), ("collateral_and_prompt", False),
+                                           ("passes", None)])
 def test_which_verdicts_get_another_try_in_the_batch(case, retried):
     """continual.batch_retries retries what another try may mend, judged on the reasons `_verdict`
-    really writes: not forgotten, short of the accept margin, an earlier request brought back; never
-    an integrity or collateral failure (more requests only lower integrity)."""
+    really writes: not forgotten, short of the accept margin, an earlier request brought back,
+    collateral forgetting with the SSIM inside its bound (which unrelated outputs sit near the
+    threshold is partly chance); never an SSIM below its bound (more requests only lower it)."""
     from types import SimpleNamespace
 
     from ray_unlearn.requests.batch import Batch
@@ -562,15 +565,18 @@ def test_which_verdicts_get_another_try_in_the_batch(case, retried):
     row = {"sscd_unlearned": {"not_forgotten": 0.65, "short_of_margin": 0.59}.get(case, 0.5),
            "forgotten": case != "not_forgotten", "why": "SSCD not below the threshold" if case == "not_forgotten" else None}
     rows = [{"id": "req-earlier", "sscd": 0.62, "threshold": 0.6, "forgotten": case != "brought_back"}]
-    gate = {"ok": case != "collateral", "why": "collateral forgetting: 3 of 32 unrelated outputs"}
-    m = SimpleNamespace(row=row, rows=rows, ssim=0.5 if case == "integrity" else 0.9, train_s=1.0, steps=20,
+    failed = {"collateral": ["collateral"], "integrity_and_collateral": ["ssim", "collateral"],
+              "collateral_and_prompt": ["collateral", "prompt_ssim"]}.get(case, [])
+    gate = {"ok": not failed, "why": "collateral forgetting 9.4% of unrelated outputs above 5.0%", "failed": failed,
+            "collateral": 0.094 if failed else 0.0}
+    m = SimpleNamespace(row=row, rows=rows, ssim=0.5 if case.startswith("integrity") else 0.9, train_s=1.0, steps=20,
                         weights_of_step=None, prompts=None, gate=gate)
     rec = SimpleNamespace(id="req-new", prompt=None)
-    kind, reason, _ = Batch._verdict(me, rec, m, 0.99)
+    v = Batch._verdict(me, rec, m, 0.99)
     if retried is None:
-        assert kind is None
+        assert v.kind is None and not v.retriable
     else:
-        assert kind is not None and Batch._retriable(reason) is retried, reason
+        assert v.kind is not None and v.retriable is retried, v.reason
 
 
 @pytest.mark.slow

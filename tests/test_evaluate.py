@@ -69,9 +69,10 @@ def test_specificity_figures_rank_and_gate_on_hand_written_values():
     assert t["specific"] is False and t["margin"] == 0 and t["rank"] == 0.1
     assert ev.target_specificity(0.5, None)["specific"] is None  # not measured
     gate = ev.integrity_gate(cfg, {"ssim": 0.9}, spec)
-    assert not gate["ok"] and "collateral forgetting 30.0%" in gate["why"]
+    assert not gate["ok"] and "collateral forgetting 30.0%" in gate["why"] and gate["failed"] == ["collateral"]
+    assert ev.integrity_gate(cfg, {"ssim": 0.1}, spec)["failed"] == ["ssim", "collateral"]
     gate = ev.integrity_gate(cfg, {"ssim": 0.9}, ev.specificity_figures(cfg, shift + 0.3, threshold=0.35))
-    assert gate["ok"] and gate["why"] is None and gate["collateral"] == 0.0
+    assert gate["ok"] and gate["why"] is None and gate["collateral"] == 0.0 and gate["failed"] == []
     gate = ev.integrity_gate(cfg, {"ssim": 0.9}, None)
     assert not gate["ok"] and "not measured" in gate["why"]
 

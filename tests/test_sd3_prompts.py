@@ -140,6 +140,7 @@ def test_one_wrecked_prompt_fails_the_gate_whatever_the_pooled_mean():
     assert rows[0]["ssim"] == rows[1]["ssim"] == 1.0 and rows[2]["ssim"] < 0.6
     assert rows[2]["below_threshold"] == 2 and rows[1]["below_threshold"] == 0
     assert not res["integrity"]["ok"] and "'b'" in res["integrity"]["why"] and res["passed"] is False
+    assert res["integrity"]["failed"] == ["prompt_ssim"]  # not a collateral failure alone: never retried
     res = result()
     ev.integrity_by_prompt(cfg, metrics, res, smooth, smooth.clone(), [("own", 4), ("a", 4), ("b", 2)])
     assert res["integrity"]["ok"] and res["passed"] is True

@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -91,6 +92,15 @@ class _Measured:
     joint: dict | None = None  # strategy joint: what the training set held
     steps: int | None = None  # the optimizer steps trained (train.extra_rounds may add rounds)
     weights_of_step: dict | None = None  # the rounds ran out and ended on an earlier check's weights
+
+
+class _Verdict(NamedTuple):
+    """Gates 1-3 on one try (Batch._verdict)."""
+
+    kind: str | None  # None: passed; 'fail' | 'return'
+    reason: str
+    attempt: dict  # the try's figures, for the evidence
+    retriable: bool  # another try after the rest of the batch may mend it (continual.batch_retries)
 
 
 class Batch:
@@ -568,17 +578,13 @@ class Batch:
                                  delta, steps=prep.steps_trained, weights_of_step=prep.best_check))
         return out
 
-    @staticmethod
-    def _retriable(reason: str) -> bool:
-        """Failures that depend on chance and on where the weights stand, which another try after the
-        rest of the batch may mend: not forgotten, forgotten by too little, an earlier one brought back
-        (not the integrity gate: more requests only lower it)."""
-        return reason.startswith(("not forgotten", "forgotten by too little", "unlearning it brought back"))
-
-    def _verdict(self, rec: RequestRecord, m: _Measured, sscd_base: float) -> tuple[str | None, str, dict]:
-        """Gates 1-3 on the request's figures: (None | 'fail' | 'return', the reason, the attempt's
-        figures). 'fail': not forgotten (its own doing); 'return': integrity or a regression, which
-        depend on what else was unlearned."""
+    def _verdict(self, rec: RequestRecord, m: _Measured, sscd_base: float) -> _Verdict:
+        """Gates 1-3 on the request's figures. kind None (passed) | 'fail': not forgotten (its own
+        doing) | 'return': integrity or a regression, which depend on what else was unlearned.
+        `retriable`: a failure that depends on chance and on where the weights stand, which another
+        try after the rest of the batch may mend (not forgotten, by too little, an earlier one
+        brought back, collateral forgetting with the SSIM inside its bound); never the SSIM bound
+        (more requests only lower it)."""
         min_ssim = self.cfg.eval.min_integrity_ssim
         figures = f"SSCD {sscd_base:.3f} -> {m.row['sscd_unlearned']:.3f} (threshold {self.threshold['value']:.3f})"
         logger.info("  %s: %s, integrity SSIM %.3f (bound %s), %d earlier re-verified, %.0f s training",
@@ -592,35 +598,37 @@ class Batch:
         if m.prompts:
             attempt["integrity_prompts"] = m.prompts
         if not m.row["forgotten"]:
-            return "fail", f"not forgotten with these settings: {figures}; {m.row['why']}", attempt
+            return _Verdict("fail", f"not forgotten with these settings: {figures}; {m.row['why']}", attempt, True)
         short = m.row["sscd_unlearned"] - (self.threshold["value"] - self.accept_margin)
         if self.accept_margin > 0 and short > 0:
-            return "fail", (f"forgotten by too little to stay forgotten: {figures}, {short:.3f} short of the margin "
+            return _Verdict("fail", (f"forgotten by too little to stay forgotten: {figures}, {short:.3f} short of the margin "
                             f"{self.accept_margin:.3f} a request needs (continual.accept_margin), so the next request "
                             "that moves it a little would bring it back; more rounds (train.extra_rounds) or a "
-                            "higher train.lr may get it there"), attempt
+                            "higher train.lr may get it there"), attempt, True)
         if m.ssim < min_ssim:
-            return "return", (f"integrity gate: unlearning it would leave SSIM {m.ssim:.3f} against the base, "
-                              f"below the bound {min_ssim}"), attempt
+            return _Verdict("return", (f"integrity gate: unlearning it would leave SSIM {m.ssim:.3f} against the base, "
+                                       f"below the bound {min_ssim}"), attempt, False)
         if m.gate is not None and not m.gate["ok"]:  # collateral forgetting (evaluate.integrity_gate)
-            return "return", f"integrity gate: {m.gate['why']}", attempt
+            # collateral alone is partly chance; an SSIM below its bound (pooled or on one prompt) is not
+            return _Verdict("return", f"integrity gate: {m.gate['why']}", attempt,
+                            m.gate.get("failed") == ["collateral"] and m.gate.get("collateral") is not None)
         bad = regressions(m.rows)
         if bad:
-            return "return", "unlearning it brought back " + ", ".join(
-                f"{r['id']} (SSCD {r['sscd']:.3f} >= {r['threshold']:.3f})" for r in bad[:3]), attempt
-        return None, "", attempt
+            return _Verdict("return", "unlearning it brought back " + ", ".join(
+                f"{r['id']} (SSCD {r['sscd']:.3f} >= {r['threshold']:.3f})" for r in bad[:3]), attempt, True)
+        return _Verdict(None, "", attempt, False)
 
     def _gates(self, rec: RequestRecord, m: _Measured, sscd_base: float, snap, retry: int = 0) -> bool:
         """Gates 1-3; a failed one restores the snapshot and moves the request (or, while
         continual.batch_retries allow and the failure is one another try may mend, holds it for a
         retry after the rest of the batch)."""
-        kind, reason, attempt = self._verdict(rec, m, sscd_base)
+        kind, reason, attempt, retriable = self._verdict(rec, m, sscd_base)
         if kind is None:
             return True
         self._restore(snap)
         if retry:
             attempt = {**attempt, "retry": retry}
-        if self._retriable(reason) and retry < self.cfg.continual.batch_retries:
+        if retriable and retry < self.cfg.continual.batch_retries:
             self.retry.append((rec, reason))  # its verdict waits for the retry
             return False
         if retry:
@@ -723,13 +731,13 @@ class Batch:
                 break
             joint = {"earlier": k, "new": len(active), "steps": steps}
             verdicts = [self._verdict(a[0], m, a[4]) for a, m in zip(active, measured)]
-            failed = [(a, reason, att) for a, (kind, reason, att) in zip(active, verdicts) if kind == "fail"]
+            failed = [(a, reason, att) for a, (kind, reason, att, _) in zip(active, verdicts) if kind == "fail"]
             for a, reason, att in failed:
                 self.moves.fail(a[0].id, reason, **att)
             if failed:
                 active = [a for a in active if all(a is not f[0] for f in failed)]
                 continue
-            returned = [(a, reason, att) for a, (kind, reason, att) in zip(active, verdicts) if kind == "return"]
+            returned = [(a, reason, att) for a, (kind, reason, att, _) in zip(active, verdicts) if kind == "return"]
             if returned:  # integrity and regressions belong to the whole set: drop the newest request
                 a, reason, att = returned[-1]
                 rest = len(active) - 1
