@@ -6,7 +6,6 @@ on each worker; Tune shares the cached base outputs across trials) without chang
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import logging
@@ -20,7 +19,7 @@ from ray_unlearn import evaluate as ev
 from ray_unlearn.config import TargetSpec, UnlearnConfig
 from ray_unlearn.data import SampleCache, Target, remember_images, resolve_targets, save_image
 from ray_unlearn.families import family_class, with_run_prompt
-from ray_unlearn.families.base import DiffusionFamily
+from ray_unlearn.families.base import DiffusionFamily, FrozenWeights
 from ray_unlearn.families.ddpm import DDPMFamily
 from ray_unlearn.loop import Report, UnlearnData, UnlearnLoop, autocast_dtype, resolve_device
 from ray_unlearn.methods import METHODS, build_method
@@ -267,22 +266,28 @@ def prepare(cfg: UnlearnConfig, family: DiffusionFamily | None = None, surrogate
                     surrogate_info=surrogate_info)
 
 
-def hold_set(prep: Prepared, specs: list[TargetSpec]) -> int:
+def hold_set(prep: Prepared, specs: list[TargetSpec], outputs: list[torch.Tensor | None] | None = None) -> int:
     """continual.replay_as 'hold': the done requests `specs` as hold samples of `prep`, taken from
     the model about to train (the serving weights): each one's initial noise (its seed, else its
-    picture's inversion), the output the serving weights make from it, and a frozen copy of the
-    serving network as their teacher. Returns how many are held (a picture that cannot be inverted
-    is left out: it stays re-verified on every version)."""
+    picture's inversion), the output the serving weights make from it (`outputs[i]` when the
+    caller already sampled it from that noise on these weights; else sampled here), and a frozen
+    copy of the serving network's trained parameters (FrozenWeights) as their teacher. Returns how
+    many are held (a picture that cannot be inverted is left out: it stays re-verified on every
+    version)."""
     f = prep.family
+    given = outputs or [None] * len(specs)
+    if len(given) != len(specs):
+        raise ValueError(f"{len(specs)} hold targets but {len(given)} outputs: they must pair up")
     targets = resolve_targets(f, specs, generate=False)
     path_starts(f, targets)
-    known = [t for t in targets if t.path_start is not None]
+    known = [(t, out) for t, out in zip(targets, given) if t.path_start is not None]
     if not known:
         return 0
-    noise = torch.stack([t.path_start.float().cpu() for t in known])
-    outputs = f.generate(noise.to(f.device))
-    prep.hold = (outputs.cpu(), noise)
-    prep.hold_teacher = copy.deepcopy(f.model).eval().requires_grad_(False)
+    noise = torch.stack([t.path_start.float().cpu() for t, _ in known])
+    todo = [i for i, (_, out) in enumerate(known) if out is None]
+    sampled = iter(f.generate(noise[todo].to(f.device)).cpu() if todo else [])
+    prep.hold = (torch.stack([out.cpu() if out is not None else next(sampled) for _, out in known]), noise)
+    prep.hold_teacher = FrozenWeights(f.model)
     return len(known)
 
 
@@ -325,7 +330,8 @@ def _surrogates(cfg: UnlearnConfig, family: DiffusionFamily, images: torch.Tenso
 def anchor_teacher(cfg: UnlearnConfig, family: DiffusionFamily, base: DiffusionFamily | None) -> torch.nn.Module | None:
     """The frozen original base network for remember.target='base'. A separate `base` family (a
     batch starts from the serving hotfix and keeps the original base beside it) lends its network,
-    which never trains; otherwise the family IS the base before training, so a frozen copy is taken."""
+    which never trains; otherwise the family IS the base before training, so a frozen copy of what
+    trains is taken (FrozenWeights)."""
     target = cfg.remember.target
     if target == "auto":
         target = "base" if METHODS[cfg.method.name].uses_surrogate else "noise"
@@ -333,7 +339,7 @@ def anchor_teacher(cfg: UnlearnConfig, family: DiffusionFamily, base: DiffusionF
         return None
     if base is not None and base is not family:
         return base.model.eval().requires_grad_(False)
-    return copy.deepcopy(family.model).eval().requires_grad_(False)
+    return FrozenWeights(family.model)
 
 
 def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state: dict | None = None,

@@ -65,10 +65,14 @@ def test_teacher_is_a_frozen_copy_or_the_separate_base():
     fam, base = family(0), family(1)
     c = cfg("base")
     own = anchor_teacher(c, fam, None)
-    assert own is not fam.model and not any(p.requires_grad for p in own.parameters())
+    assert own is not fam.model and not any(p.requires_grad for p in own.frozen.values())
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 50])
     with torch.no_grad():
+        before = fam.predict(x, t)
         next(fam.model.parameters()).add_(1.0)  # training the family leaves its copy alone
-    assert not torch.equal(next(own.parameters()), next(fam.model.parameters()))
+    name = next(iter(dict(fam.model.named_parameters())))
+    assert not torch.equal(own.weights()[name], dict(fam.model.named_parameters())[name])
+    assert torch.equal(fam.predict(x, t, model=own), before) and not torch.allclose(fam.predict(x, t), before)
     assert anchor_teacher(c, fam, base) is base.model  # a batch's original base lends its network
     assert anchor_teacher(cfg("noise"), fam, base) is None
 
@@ -164,12 +168,40 @@ def test_hold_set_is_the_serving_output_of_each_done_seed_with_a_frozen_serving_
     images, noise = prep.hold
     assert torch.equal(noise, fam.initial_noise([5, 9]).float().cpu())
     assert torch.allclose(images, fam.generate(fam.initial_noise([5, 9])).cpu(), atol=1e-6)
-    assert prep.hold_teacher is not fam.model and not any(p.requires_grad for p in prep.hold_teacher.parameters())
-    ours = dict(fam.model.named_parameters())
-    assert all(torch.equal(p, ours[n]) for n, p in prep.hold_teacher.named_parameters())
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 50])
+    with torch.no_grad():
+        serving = fam.predict(x, t)
+    teacher = prep.hold_teacher
+    fam.model.train()
+    assert torch.equal(fam.predict(x, t, model=teacher), serving)  # the serving network...
+    assert fam.model.training  # ...run in eval mode, the live network left in the mode it was in
+    assert set(teacher.frozen) == {n for n, p in fam.model.named_parameters() if p.requires_grad}
     with torch.no_grad():  # a copy: training the family leaves the teacher where the serving weights were
-        next(iter(fam.model.parameters())).add_(1.0)
-    assert not all(torch.equal(p, ours[n]) for n, p in prep.hold_teacher.named_parameters())
+        for p in fam.model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    assert torch.allclose(fam.predict(x, t, model=teacher), serving, atol=1e-6)
+    assert not torch.allclose(fam.predict(x, t), serving, atol=1e-3)
+    assert all(p.requires_grad for p in fam.model.parameters())  # the teacher froze nothing of the live network
+
+
+def test_hold_set_takes_outputs_already_sampled_and_samples_only_the_rest(monkeypatch):
+    from types import SimpleNamespace
+
+    from ray_unlearn.config import TargetSpec
+    from ray_unlearn.engine import hold_set
+
+    fam = family()
+    given = fam.generate(fam.initial_noise([5])).cpu()[0]
+    sampled, real = [], fam.generate
+    monkeypatch.setattr(fam, "generate", lambda noise, *a, **kw: sampled.append(len(noise)) or real(noise, *a, **kw))
+    prep = SimpleNamespace(family=fam, hold=None, hold_teacher=None)
+    assert hold_set(prep, [TargetSpec(seed=5), TargetSpec(seed=9)], outputs=[given, None]) == 2
+    assert sampled == [1]  # only seed 9's output was sampled here
+    images, noise = prep.hold
+    assert torch.equal(images[0], given)
+    assert torch.allclose(images[1], real(fam.initial_noise([9])).cpu()[0], atol=1e-6)
+    with pytest.raises(ValueError, match="pair up"):
+        hold_set(prep, [TargetSpec(seed=5)], outputs=[given, None])
 
 
 def test_the_loop_draws_as_many_hold_samples_as_forget_samples():

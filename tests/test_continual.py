@@ -172,6 +172,17 @@ def _overrides(tmp_path, strategy: str, *extra: str) -> list[str]:
             *extra]
 
 
+def _outputs(tmp_path, weights: dict, seeds: list[int]) -> torch.Tensor:
+    """The tiny model's outputs for `seeds` with `weights`, sampled as `_overrides` sample."""
+    from ray_unlearn.engine import load_family
+
+    fam = load_family(load_config(None, [f"model.path={_model(tmp_path)}", "sampler.steps=4"]), lora=False)
+    with torch.no_grad():
+        for n, p in fam.model.named_parameters():
+            p.copy_(weights[n])
+    return fam.generate(fam.initial_noise(seeds)).cpu()
+
+
 def _submit(store, seed: int) -> str:
     from ray_unlearn.data import save_image
     from ray_unlearn.engine import load_family
@@ -213,7 +224,7 @@ class _Trainings:
                                "remember": prep.cfg.remember.target, "forget_weights": prep.forget_weights,
                                "train_seed": prep.cfg.train.seed,
                                "hold": None if prep.hold is None else (prep.hold[1].clone(), {
-                                   n: p.detach().clone() for n, p in prep.hold_teacher.named_parameters()})})
+                                   n: p.clone() for n, p in prep.hold_teacher.weights().items()}, prep.hold[0].clone())})
             out = real(prep, *a, **kw)
             self.calls[-1]["after"] = {n: p.detach().clone() for n, p in prep.family.model.named_parameters()}
             return out
@@ -613,9 +624,11 @@ def test_anchored_holds_done_requests_where_the_serving_version_has_them(togethe
         assert t1["seeds"] == [529] and t2["seeds"] == [733] and t1["forget_weights"] is None
         held = [[311], [311, 529]]
     for t, seeds in zip(trainings.calls, held):
-        noise, teacher = t["hold"]
+        noise, teacher, images = t["hold"]
         assert torch.equal(noise, fam.initial_noise(seeds).float())
         assert _same(teacher, t["weights"])  # the teacher is the weights this training starts from
+        # the hold images (verify's outputs, not sampled twice) are those weights' outputs
+        assert torch.allclose(images, _outputs(tmp_path, t["weights"], seeds), atol=1e-5)
     assert _same(trainings.calls[0]["hold"][1], v1, atol=1e-6)
     if not together:  # the second request's teacher already has the first new one trained in
         assert not _same(trainings.calls[1]["hold"][1], v1, atol=1e-6)
@@ -631,14 +644,15 @@ def test_a_done_request_near_the_threshold_is_forgotten_again_not_held(tiny_mode
     store = tmp_path / "store"
     first, second = _submit(store, 311), _submit(store, 529)
     assert _run(store, tmp_path, _overrides(tmp_path, "anchored", "continual.batch_retries=0")).version == 1
-    real, judged = batch.verify, []
+    real, judged = batch.verify_with_outputs, []
 
-    def verify(family, metrics, checks, bound):  # the first request sits 0.01 under the threshold 0.999
-        rows = real(family, metrics, checks, bound)
+    def verify_with_outputs(family, metrics, checks, bound):  # the first request sits 0.01 under the threshold 0.999
+        rows, outputs = real(family, metrics, checks, bound)
         judged.append(sorted(r["id"] for r in rows))
-        return [{**r, "sscd": 0.989} if r["id"] == first else {**r, "sscd": 0.5} for r in rows]
+        return [{**r, "sscd": 0.989} if r["id"] == first else {**r, "sscd": 0.5} for r in rows], outputs
 
-    monkeypatch.setattr(batch, "verify", verify)
+    monkeypatch.setattr(batch, "verify_with_outputs", verify_with_outputs)
+    monkeypatch.setattr(batch, "verify", lambda *a: verify_with_outputs(*a)[0])
     trainings = _Trainings(monkeypatch)
     _submit(store, 733)
     out = _run(store, tmp_path, _overrides(tmp_path, "anchored", "continual.replay_as=hold", "continual.hold_margin=0.02"))
@@ -646,7 +660,7 @@ def test_a_done_request_near_the_threshold_is_forgotten_again_not_held(tiny_mode
     [t] = trainings.calls
     assert judged[1] == sorted([first, second])  # after the batch's start check: both judged before the training
     assert t["seeds"] == [311, 733] and torch.allclose(t["forget_weights"], torch.tensor([0.5, 0.5]))
-    noise, _ = t["hold"]  # 529, 0.5 under the threshold, is held
+    noise, _, _ = t["hold"]  # 529, 0.5 under the threshold, is held
     from ray_unlearn.engine import load_family
     fam = load_family(load_config(None, [f"model.path={_model(tmp_path)}"]), lora=False)
     assert torch.equal(noise, fam.initial_noise([529]).float())

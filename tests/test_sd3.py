@@ -222,8 +222,8 @@ def test_lora_rank_alone_keeps_the_sd3_targets():
 
 def test_hold_on_sd3_with_a_lora_keeps_the_serving_adapter_as_teacher_and_trains_only_the_adapter():
     """continual.replay_as=hold on the sd3 family with a LoRA: the hold set is the serving model's
-    latent output for each done seed, the teacher a frozen copy (adapter included) that training
-    leaves untouched, and a loop step with hold samples moves only the adapter."""
+    latent output for each done seed, the teacher a frozen copy of the serving adapter (only the
+    adapter is copied) that training leaves untouched, and a loop step with hold samples moves only the adapter."""
     from types import SimpleNamespace
 
     from ray_unlearn.config import TargetSpec
@@ -234,7 +234,8 @@ def test_hold_on_sd3_with_a_lora_keeps_the_serving_adapter_as_teacher_and_trains
     assert hold_set(prep, [TargetSpec(seed=3, prompt=PROMPT)]) == 1
     images, noise = prep.hold
     assert images.shape[0] == 1 and torch.equal(noise, f.initial_noise([3]).float().cpu())
-    teacher = {n: p.detach().clone() for n, p in prep.hold_teacher.named_parameters()}
+    assert prep.hold_teacher.frozen and all("lora" in n for n in prep.hold_teacher.frozen)  # the adapter, not a transformer
+    teacher = {n: p.clone() for n, p in prep.hold_teacher.weights().items()}
     x = f.encode(torch.rand(4, 3, 32, 32)).cpu()
     data = UnlearnData(x[:1], x[:1].flip(-1), x, hold=f.encode(images.to(f.device)).cpu(), hold_noise=noise)
     method = build_method(SurrogateMethodConfig(), f)
@@ -244,4 +245,4 @@ def test_hold_on_sd3_with_a_lora_keeps_the_serving_adapter_as_teacher_and_trains
     assert "hold/mse" in logs and torch.isfinite(torch.as_tensor(logs["hold/mse"]))
     moved = {n for n, p in f.model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("lora" in n for n in moved)
-    assert all(torch.equal(p, teacher[n]) for n, p in prep.hold_teacher.named_parameters())
+    assert all(torch.equal(p, teacher[n]) for n, p in prep.hold_teacher.weights().items())

@@ -16,6 +16,32 @@ import torch
 from torch import nn
 
 
+class FrozenWeights(nn.Module):
+    """The network as it stands now, frozen, for a teacher: a copy of only the parameters that train
+    (with a LoRA, the adapter: megabytes, where a copy of an SD3 transformer is gigabytes), run
+    through the live network with `torch.func.functional_call` in eval mode. Training the live
+    network later leaves it where it was; what does not train is shared, never copied."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self._live = (model,)  # a tuple, not a submodule: eval()/requires_grad_ here must not reach it
+        self.frozen = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Every parameter as the teacher sees it (the frozen ones, the live rest)."""
+        return {n: self.frozen.get(n, p.detach()) for n, p in self._live[0].named_parameters()}
+
+    @torch.no_grad()
+    def forward(self, *args, **kwargs):
+        model = self._live[0]
+        was = model.training
+        model.eval()
+        try:
+            return torch.func.functional_call(model, self.frozen, args, kwargs)
+        finally:
+            model.train(was)
+
+
 class DiffusionFamily(ABC):
     name: str
     num_train_timesteps: int

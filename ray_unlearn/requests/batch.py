@@ -45,6 +45,7 @@ from ray_unlearn.requests.common import (
 )
 from ray_unlearn.requests.evidence import (
     Check, check_from_evidence, decode_descriptor, encode_descriptor, judge_checks, outputs_for, regressions, verify,
+    verify_with_outputs,
 )
 from ray_unlearn.requests.images import normalise_image
 from ray_unlearn.requests.lease import LeaseKeeper
@@ -484,28 +485,30 @@ class Batch:
         passed = [(r.id, TargetSpec(seed=r.seed, prompt=r.prompt)) for r, _ in self.passed if r.seed is not None]
         return [*zip(self.earlier_ids, self.earlier_specs), *passed]
 
-    def _replayed_split(self) -> tuple[list[TargetSpec], list[TargetSpec]]:
-        """(earlier requests trained as forget targets, earlier requests held). replay_as 'forget':
-        all of them forgotten again. 'hold': each is judged on the weights about to train; one at
-        least `hold_margin` under the threshold is held, one closer to it (or not judged) is
-        forgotten again, so that it is pushed back under before a new request can tip it over."""
+    def _replayed_split(self) -> tuple[list[TargetSpec], list[tuple[TargetSpec, torch.Tensor | None]]]:
+        """(earlier requests trained as forget targets, earlier requests held, each with its output
+        on the weights about to train when verify sampled it). replay_as 'forget': all of them
+        forgotten again. 'hold': each is judged on the weights about to train; one at least
+        `hold_margin` under the threshold is held, one closer to it (or not judged) is forgotten
+        again, so that it is pushed back under before a new request can tip it over."""
         pairs = self._replayed_by_id()
         c = self.cfg.continual
         if c.replay_as == "forget" or not pairs:
             return [spec for _, spec in pairs], []
         margin = self.cfg.train.round_margin if c.hold_margin is None else c.hold_margin
         ids = {rid for rid, _ in pairs}
-        rows = {r["id"]: r for r in verify(self.family, self.metrics, [x for x in self.checks if x.id in ids], self.bound)}
-        safe = {rid for rid, r in rows.items() if r["sscd"] is not None and r["sscd"] < self.threshold["value"] - margin}
+        rows, outputs = verify_with_outputs(self.family, self.metrics, [x for x in self.checks if x.id in ids], self.bound)
+        safe = {r["id"] for r in rows if r["sscd"] is not None and r["sscd"] < self.threshold["value"] - margin}
         again = [spec for rid, spec in pairs if rid not in safe]
         logger.info("anchored replay: %d done request(s) held, %d within %.3f of the threshold forgotten again",
                     len(pairs) - len(again), len(again), margin)
-        return again, [spec for rid, spec in pairs if rid in safe]
+        # a seeded request's verify output is its output for the seed: the hold image, sampled once
+        return again, [(spec, outputs.get(rid) if spec.seed is not None else None) for rid, spec in pairs if rid in safe]
 
-    def _hold(self, prep, held: list[TargetSpec]) -> None:
+    def _hold(self, prep, held: list[tuple[TargetSpec, torch.Tensor | None]]) -> None:
         """replay_as 'hold': the done requests held where the serving weights have them."""
         if held:
-            n = engine.hold_set(prep, held)
+            n = engine.hold_set(prep, [spec for spec, _ in held], outputs=[out for _, out in held])
             if n < len(held):
                 logger.info("anchored replay: %d done request(s) without a path start (no seed, no inversion) not held",
                             len(held) - n)

@@ -88,9 +88,16 @@ def judge_checks(checks: list[Check], judged: list[Check], outputs: torch.Tensor
 
 def verify(family, metrics, checks: list[Check], artifact_bound: float) -> list[dict]:
     """Is each request still forgotten by `family`'s current weights?"""
+    return verify_with_outputs(family, metrics, checks, artifact_bound)[0]
+
+
+def verify_with_outputs(family, metrics, checks: list[Check], artifact_bound: float
+                        ) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """`verify`, and the outputs it judged by request id (a seeded one's is the model's output for
+    its seed, which replay_as 'hold' holds: no second sampling)."""
     outputs, judged = outputs_for(family, checks)
     emb = metrics.sscd_embed(outputs) if judged else torch.empty(0, DESCRIPTOR_DIM)
-    return judge_checks(checks, judged, outputs, emb, artifact_bound)
+    return judge_checks(checks, judged, outputs, emb, artifact_bound), {c.id: o for c, o in zip(judged, outputs)}
 
 
 def regressions(rows: list[dict]) -> list[dict]:
