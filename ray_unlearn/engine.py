@@ -343,10 +343,12 @@ def anchor_teacher(cfg: UnlearnConfig, family: DiffusionFamily, base: DiffusionF
 
 
 def train(prep: Prepared, report: Report | None = None, reduce_grads=None, state: dict | None = None,
-          progress: bool = True, on_step=None) -> UnlearnLoop:
+          progress: bool = True, on_step=None, shard: tuple[int, int] = (0, 1)) -> UnlearnLoop:
+    """Train `prep` (with train.extra_rounds' checks between rounds); `shard`: this worker's
+    (rank, world) under Ray Train."""
     method = build_method(prep.cfg.method, prep.family)
     method.teacher, method.hold_teacher = prep.teacher, prep.hold_teacher
-    loop = UnlearnLoop(prep.family, method, prep.data(), prep.cfg.train, reduce_grads, pull=prep.pull)
+    loop = UnlearnLoop(prep.family, method, prep.data(), prep.cfg.train, reduce_grads, pull=prep.pull, shard=shard)
     if state is not None:
         loop.load_state_dict(state)
     run_report = report

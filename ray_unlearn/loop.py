@@ -137,6 +137,7 @@ class UnlearnLoop:
         cfg: TrainConfig,
         reduce_grads: Callable[[Grads], Grads] | None = None,
         pull: tuple[float, list[torch.Tensor]] | None = None,
+        shard: tuple[int, int] = (0, 1),
     ):
         self.family, self.method, self.data, self.cfg = family, method, data, cfg
         # (lambda, anchors): lambda * (theta - anchor) joins each step's gradient (continual.add_pull)
@@ -150,6 +151,9 @@ class UnlearnLoop:
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.step_count = 0
         self._micro = 0  # the micro-batch within the step (forget_sampling 'spread' counts draws)
+        # (rank, world): with 'spread' the workers take interleaved draws of one sequence, so the
+        # global batch covers the targets as one worker's would, instead of each repeating the same
+        self.shard = shard
         dev = family.device
         self.forget = data.forget.to(dev)
         self.surrogate = data.surrogate.to(dev)
@@ -160,8 +164,9 @@ class UnlearnLoop:
 
     def batch(self) -> dict:
         if self.cfg.forget_sampling == "spread":
+            rank, world = self.shard
             fi = spread_indices(self.data.forget_weights, len(self.forget), self.cfg.batch_forget,
-                                self.step_count * self.cfg.grad_accum + self._micro)
+                                (self.step_count * self.cfg.grad_accum + self._micro) * world + rank)
             self._micro = (self._micro + 1) % self.cfg.grad_accum
         elif self.data.forget_weights is None:
             fi = torch.randint(0, len(self.forget), (self.cfg.batch_forget,), generator=self.gen)

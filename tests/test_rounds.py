@@ -225,3 +225,8 @@ def test_spread_sampling_numbers_every_micro_batch_in_the_loop(tiny_model_dir, t
     loop = engine.train(prep, progress=False)
     assert loop.step_count == 3 and draws == [0, 1, 2, 3, 4, 5]  # one offset per micro-batch, none repeated
     assert all(torch.isfinite(p).all() for p in loop.params)
+    for rank in range(2):  # two Ray Train workers take interleaved draws of the one sequence, never the same
+        draws.clear()
+        engine.train(_prep(tiny_model_dir, tmp_path, "train.extra_rounds=0", "train.steps=3", "train.grad_accum=2",
+                           "train.forget_sampling=spread"), progress=False, shard=(rank, 2))
+        assert draws == [2 * d + rank for d in range(6)]

@@ -229,7 +229,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
     t_train = time.perf_counter()
     loop = train(prep, reduce_grads=make_allreduce(world) if world > 1 else None, state=state,
-                 progress=False, on_step=on_step)
+                 progress=False, on_step=on_step, shard=(rank, world))
     train_seconds = time.perf_counter() - t_train
 
     checksums = _gather(param_checksum(loop.params), world)
