@@ -78,6 +78,9 @@ def lora_step_cost(resolution: int = 1024, batch: int = 1, rank: int = 8, text_t
         "weights_gib": round(weights / gib, 3), "saved_activations_gib": round(saved / gib, 3),
         "of_which_attention_matrices_gib": round(attn / gib, 3),
         "lora_grads_and_adamw_gib": round(grads_opt / gib, 4),
+        # a frozen teacher (replay_as=hold's serving teacher, remember.target=base in a run): FrozenWeights
+        # copies what trains, the adapter; a deep copy would be a second transformer
+        "frozen_teacher_gib": round(n_lora * elt / gib, 4), "frozen_teacher_as_deep_copy_gib": round(weights / gib, 3),
         "total_gib": round((weights + saved + grads_opt) / gib, 3),
         "total_with_fused_attention_gib": round((weights + saved - attn + grads_opt) / gib, 3),
         "note": "one forward+backward (one loss term); the surrogate method runs two per step (forget and "
