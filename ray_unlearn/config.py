@@ -369,10 +369,9 @@ class ContinualConfig(_Strict):
     only; `ray-unlearn unlearn` ignores it). docs/requests.md "Continual strategies"."""
 
     # "anchored": its remember term is the one measured on single requests (8 drawn seeds: integrity SSIM
-    # 0.62 -> 0.75, docs/benchmarks.md "Anchored remember term"). On demo-faces, 20 requests in a row at the
-    # defaults before in-batch retries and hold: 12 done, final SSIM 0.901, FID 1.33x the first version's,
-    # every done one still forgotten (docs/benchmarks.md "Continual benchmark"); the other strategies were
-    # measured only at earlier defaults.
+    # 0.62 -> 0.75, docs/benchmarks.md "Anchored remember term"). On demo-faces, 20 held-out requests in a row
+    # at today's defaults: anchored 14 done (final SSIM 0.868, FID 1.73x the first version's), sequential 4
+    # (0.826), merge 5 (0.804), every done one still forgotten in each (docs/benchmarks.md "Continual benchmark").
     strategy: Literal["sequential", "anchored", "joint", "merge"] = Field(
         "anchored",
         description="'sequential': each request trains on top of the current weights and remember.target 'auto' "
@@ -399,7 +398,7 @@ class ContinualConfig(_Strict):
     # replay_as hold, hold_margin 0.06: on the tuning requests (Random(1107)), 12 in a row, forget / hold 0.03 /
     # hold 0.06: 10 / 10 / 10 of 12 done, final SSIM 0.913 / 0.877 / 0.899, training s per request (first 5 ->
     # last 5) 44 -> 130 / 31 -> 32 / 31 -> 81; the second batch of six 6 / 4 / 6 done, the first 5 / 6 / -
-    # (docs/benchmarks.md "Holding the done requests").
+    # (docs/benchmarks.md "Holding the done requests"). Held out, 20 in a row: 14 done against 12 with forget.
     replay_as: Literal["forget", "hold"] = Field(
         "hold",
         description="anchored replay: how the done requests join each new request's training. 'forget': as forget "
