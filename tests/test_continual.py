@@ -441,10 +441,10 @@ def test_joint_drops_the_newest_request_on_a_shared_gate_and_trains_again_withou
     trainings, real = _Trainings(monkeypatch), Batch._verdict
 
     def integrity_fails_with_both(self, rec, m, sscd_base):
-        kind, reason, attempt = real(self, rec, m, sscd_base)
-        if len(trainings.calls[-1]["seeds"]) == 2 and kind is None:
-            return "return", "integrity gate: (simulated) SSIM below the bound", attempt
-        return kind, reason, attempt
+        v = real(self, rec, m, sscd_base)
+        if len(trainings.calls[-1]["seeds"]) == 2 and v.kind is None:
+            return v._replace(kind="return", reason="integrity gate: (simulated) SSIM below the bound", retriable=False)
+        return v
 
     monkeypatch.setattr(Batch, "_verdict", integrity_fails_with_both)
     out = _run(store, tmp_path, _overrides(tmp_path, "joint"))
@@ -511,11 +511,12 @@ def test_a_request_not_forgotten_tries_again_after_the_rest_of_the_batch(retries
     trainings, real, tries = _Trainings(monkeypatch), Batch._verdict, []
 
     def first_try_not_forgotten(self, rec, m, sscd_base):
-        kind, reason, attempt = real(self, rec, m, sscd_base)
+        v = real(self, rec, m, sscd_base)
         tries.append(rec.seed)
         if rec.seed == 311 and tries.count(311) == 1:
-            return "fail", "not forgotten with these settings: (simulated) SSCD 0.70 -> 0.65", attempt
-        return kind, reason, attempt
+            return v._replace(kind="fail", reason="not forgotten with these settings: (simulated) SSCD 0.70 -> 0.65",
+                              retriable=True)
+        return v
 
     monkeypatch.setattr(Batch, "_verdict", first_try_not_forgotten)
     out = _run(store, tmp_path, _overrides(tmp_path, "anchored", f"continual.batch_retries={retries}",
