@@ -665,3 +665,41 @@ def test_a_done_request_near_the_threshold_is_forgotten_again_not_held(tiny_mode
     from ray_unlearn.engine import load_family
     fam = load_family(load_config(None, [f"model.path={_model(tmp_path)}"]), lora=False)
     assert torch.equal(noise, fam.initial_noise([529]).float())
+
+
+@pytest.mark.slow
+def test_a_done_request_a_try_brought_back_is_forgotten_again_on_the_retry_not_held(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    """replay_as=hold with every done request far under (hold_margin 0): the new request's first try
+    (made to) bring the first done request back; its retry, after the rest of the batch, trains that
+    one again on the forget side (holding it did not hold it) while the other done one stays held."""
+    from ray_unlearn.engine import load_family
+    from ray_unlearn.requests import Queue, batch
+    from ray_unlearn.storage import open_store
+
+    store = tmp_path / "store"
+    first, second = _submit(store, 311), _submit(store, 529)
+    hold = ["continual.replay_as=hold", "continual.hold_margin=0"]
+    assert _run(store, tmp_path, _overrides(tmp_path, "anchored", "continual.batch_retries=0", *hold)).version == 1
+    real, calls = batch.judge_checks, []
+
+    def first_try_brings_the_first_back(checks, *a, **kw):
+        rows = real(checks, *a, **kw)
+        calls.append(1)
+        return [{**r, "forgotten": False, "sscd": 0.9993} if r["id"] == first and len(calls) == 1 else r for r in rows]
+
+    monkeypatch.setattr(batch, "judge_checks", first_try_brings_the_first_back)
+    trainings = _Trainings(monkeypatch)
+    new = _submit(store, 733)
+    out = _run(store, tmp_path, _overrides(tmp_path, "anchored", "continual.batch_retries=1", *hold))
+    assert out.status == "promoted" and out.version == 2, out.message
+    try1, try2 = trainings.calls
+    fam = load_family(load_config(None, [f"model.path={_model(tmp_path)}"]), lora=False)
+    def held(t):  # the seeds whose initial noise the hold set starts from, in any order
+        return sorted(s for s in (311, 529) if any(torch.equal(n, fam.initial_noise([s])[0].float()) for n in t["hold"][0]))
+
+    assert try1["seeds"] == [733] and held(try1) == [311, 529] and len(try1["hold"][0]) == 2
+    assert try2["seeds"] == [311, 733] and held(try2) == [529] and len(try2["hold"][0]) == 1
+    assert try2["forget_weights"].tolist() == pytest.approx([0.5, 0.5])  # replay_share for the one forgotten again
+    e = Queue(open_store(store)).get(new).evidence
+    assert e["earlier_tries"] == [f"unlearning it brought back {first} (SSCD 0.999 >= 0.999)"], e["earlier_tries"]

@@ -128,6 +128,7 @@ class Batch:
         self.accept_margin = continual.accept_margin(self.cfg)
         self.retry: list[tuple[RequestRecord, str]] = []  # one by one: requests to try again after the rest
         self.tries: dict[str, list[str]] = {}  # why each retried request's earlier tries did not pass
+        self.brought_back: set[str] = set()  # done requests a try in this batch brought back: never held again
 
     # ---- settings and models --------------------------------------------------------------------
     def _load(self) -> None:
@@ -490,7 +491,9 @@ class Batch:
         on the weights about to train when verify sampled it). replay_as 'forget': all of them
         forgotten again. 'hold': each is judged on the weights about to train; one at least
         `hold_margin` under the threshold is held, one closer to it (or not judged) is forgotten
-        again, so that it is pushed back under before a new request can tip it over."""
+        again, so that it is pushed back under before a new request can tip it over. One that a
+        try in this batch brought back is forgotten again whatever its margin: holding it did not
+        hold it, and the rounds then check it beside the new target."""
         pairs = self._replayed_by_id()
         c = self.cfg.continual
         if c.replay_as == "forget" or not pairs:
@@ -499,9 +502,12 @@ class Batch:
         ids = {rid for rid, _ in pairs}
         rows, outputs = verify_with_outputs(self.family, self.metrics, [x for x in self.checks if x.id in ids], self.bound)
         safe = {r["id"] for r in rows if r["sscd"] is not None and r["sscd"] < self.threshold["value"] - margin}
+        unsafe = safe & self.brought_back
+        safe -= unsafe
         again = [spec for rid, spec in pairs if rid not in safe]
-        logger.info("anchored replay: %d done request(s) held, %d within %.3f of the threshold forgotten again",
-                    len(pairs) - len(again), len(again), margin)
+        logger.info("anchored replay: %d done request(s) held, %d forgotten again (within %.3f of the threshold%s)",
+                    len(pairs) - len(again), len(again), margin,
+                    f", or brought back earlier in this batch: {', '.join(sorted(unsafe))}" if unsafe else "")
         # a seeded request's verify output is its output for the seed: the hold image, sampled once
         return again, [(spec, outputs.get(rid) if spec.seed is not None else None) for rid, spec in pairs if rid in safe]
 
@@ -617,6 +623,7 @@ class Batch:
                             m.gate.get("failed") == ["collateral"] and m.gate.get("collateral") is not None)
         bad = regressions(m.rows)
         if bad:
+            attempt["brought_back"] = [r["id"] for r in bad]
             return _Verdict("return", "unlearning it brought back " + ", ".join(
                 f"{r['id']} (SSCD {r['sscd']:.3f} >= {r['threshold']:.3f})" for r in bad[:3]), attempt, True)
         return _Verdict(None, "", attempt, False)
@@ -628,6 +635,7 @@ class Batch:
         kind, reason, attempt, retriable = self._verdict(rec, m, sscd_base)
         if kind is None:
             return True
+        self.brought_back.update(attempt.get("brought_back", ()))
         self._restore(snap)
         if retry:
             attempt = {**attempt, "retry": retry}
