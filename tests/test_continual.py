@@ -672,7 +672,8 @@ def test_a_done_request_a_try_brought_back_is_forgotten_again_on_the_retry_not_h
                                                                                    monkeypatch):
     """replay_as=hold with every done request far under (hold_margin 0): the new request's first try
     (made to) bring the first done request back; its retry, after the rest of the batch, trains that
-    one again on the forget side (holding it did not hold it) while the other done one stays held."""
+    one again on the forget side (holding it did not hold it) while the other done one stays held;
+    so does the next batch, which learns it from the lineage's manifests."""
     from ray_unlearn.engine import load_family
     from ray_unlearn.requests import Queue, batch
     from ray_unlearn.storage import open_store
@@ -703,3 +704,9 @@ def test_a_done_request_a_try_brought_back_is_forgotten_again_on_the_retry_not_h
     assert try2["forget_weights"].tolist() == pytest.approx([0.5, 0.5])  # replay_share for the one forgotten again
     e = Queue(open_store(store)).get(new).evidence
     assert e["earlier_tries"] == [f"unlearning it brought back {first} (SSCD 0.999 >= 0.999)"], e["earlier_tries"]
+    # the next batch reads it from the lineage's manifests: the first is forgotten again from its first try
+    trainings.calls.clear()
+    _submit(store, 907)
+    assert _run(store, tmp_path, _overrides(tmp_path, "anchored", *hold)).version == 3
+    [t] = trainings.calls
+    assert t["seeds"] == [311, 907] and len(t["hold"][0]) == 2 and held(t) == [529]

@@ -128,7 +128,8 @@ class Batch:
         self.accept_margin = continual.accept_margin(self.cfg)
         self.retry: list[tuple[RequestRecord, str]] = []  # one by one: requests to try again after the rest
         self.tries: dict[str, list[str]] = {}  # why each retried request's earlier tries did not pass
-        self.brought_back: set[str] = set()  # done requests a try in this batch brought back: never held again
+        # done requests a try brought back (in this batch or, by the manifests, along the lineage): never held again
+        self.brought_back: set[str] = set()
 
     # ---- settings and models --------------------------------------------------------------------
     def _load(self) -> None:
@@ -179,7 +180,9 @@ class Batch:
         for v in ctx.lineage.chain():
             batch = v.tags.get("batch")
             if batch:
-                evidence.update(ctx.lineage.manifest(batch)["evidence"])
+                manifest = ctx.lineage.manifest(batch)
+                evidence.update(manifest["evidence"])
+                self.brought_back.update(manifest.get("brought_back", ()))
         records = {rec.id: rec for rec in ctx.queue.list("done")}
         evidence.update({rid: rec.evidence for rid, rec in records.items()})
         self.earlier_evidence = dict(sorted(evidence.items()))
@@ -492,8 +495,9 @@ class Batch:
         forgotten again. 'hold': each is judged on the weights about to train; one at least
         `hold_margin` under the threshold is held, one closer to it (or not judged) is forgotten
         again, so that it is pushed back under before a new request can tip it over. One that a
-        try in this batch brought back is forgotten again whatever its margin: holding it did not
-        hold it, and the rounds then check it beside the new target."""
+        try brought back (in this batch, or in an earlier batch along the lineage: each manifest
+        lists them) is forgotten again whatever its margin: holding it did not hold it, and the
+        rounds then check it beside the new target."""
         pairs = self._replayed_by_id()
         c = self.cfg.continual
         if c.replay_as == "forget" or not pairs:
@@ -507,7 +511,7 @@ class Batch:
         again = [spec for rid, spec in pairs if rid not in safe]
         logger.info("anchored replay: %d done request(s) held, %d forgotten again (within %.3f of the threshold%s)",
                     len(pairs) - len(again), len(again), margin,
-                    f", or brought back earlier in this batch: {', '.join(sorted(unsafe))}" if unsafe else "")
+                    f", or brought back by an earlier try: {', '.join(sorted(unsafe))}" if unsafe else "")
         # a seeded request's verify output is its output for the seed: the hold image, sampled once
         return again, [(spec, outputs.get(rid) if spec.seed is not None else None) for rid, spec in pairs if rid in safe]
 
@@ -910,7 +914,8 @@ class Batch:
         ctx.lineage.write_manifest(self.id, {
             "batch": self.id, "parent": self.parent, "hotfix": hotfix, "requests": ids, "evidence": evidence,
             "tags": tags, "run_id": self.run_id, "holder": ctx.holder, "created_at": now_iso(),
-            "config": config_key, "integrity": figures, "reverified": rows})
+            "config": config_key, "integrity": figures, "reverified": rows,
+            "brought_back": sorted(self.brought_back)})
         logger.info("commit 2/5: manifest written")
         return tags, evidence
 
