@@ -408,8 +408,9 @@ class ContinualConfig(_Strict):
         "teacher (as many hold samples per micro-batch as forget samples); the new request trains alone on the "
         "forget side and its rounds check it alone, so training cost per request stays flat. A done request "
         "whose output on those weights is less than `hold_margin` under the threshold is not held but forgotten "
-        "again (as with 'forget'), so it is pushed back under before a new request can tip it over. "
-        "Re-verification of every done request on the new version is the same either way.",
+        "again (as with 'forget'), so it is pushed back under before a new request can tip it over; so is one "
+        "that a try brought back (in this batch, or in an earlier one along the lineage: each manifest lists them), "
+        "whatever its margin. Re-verification of every done request on the new version is the same either way.",
     )
     hold_margin: float | None = Field(
         0.06, ge=0.0, le=0.5,
