@@ -278,7 +278,7 @@ def integrity_plot(path: Path, runs: dict[str, list[dict]], min_ssim: float | No
         failed = [(r["i"], model_ssim(r)) for r in rows if r["result"] != "done"]
         if failed:  # a request that did not make a version: the model stayed as it was
             ax.plot(*zip(*failed), ls="none", marker="x", ms=7, color=line.get_color())
-    for y, label in ((min_ssim, "integrity bound"), (TARGET_FINAL_SSIM, "issue 12 target")):
+    for y, label in ((min_ssim, "integrity bound"), (TARGET_FINAL_SSIM, "final SSIM target")):
         if y is not None:
             ax.axhline(y, ls="--", lw=0.8, color="grey")
             ax.text(0.01, y + 0.005, label, fontsize=7, color="grey", transform=ax.get_yaxis_transform())
