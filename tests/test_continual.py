@@ -696,6 +696,7 @@ def test_a_done_request_a_try_brought_back_is_forgotten_again_on_the_retry_not_h
     assert out.status == "promoted" and out.version == 2, out.message
     try1, try2 = trainings.calls
     fam = load_family(load_config(None, [f"model.path={_model(tmp_path)}"]), lora=False)
+
     def held(t):  # the seeds whose initial noise the hold set starts from, in any order
         return sorted(s for s in (311, 529) if any(torch.equal(n, fam.initial_noise([s])[0].float()) for n in t["hold"][0]))
 
