@@ -178,6 +178,27 @@ def test_budget_starts_no_request_and_the_table_says_not_run(tmp_path):
     assert "random.Random(1107)" in (tmp_path / "t" / "continual.md").read_text()
 
 
+def test_a_request_a_stopped_run_was_processing_is_tried_again_not_given_up(tmp_path):
+    """A run stopped mid-request leaves it claimed: the resumed run waits out the lease and gives it
+    its one try (the stopped run's claim was none), instead of failing it unseen."""
+    from ray_unlearn.platform.continual import ContinualOptions, _paths, run_continual
+    from ray_unlearn.requests.queue import Queue
+    from ray_unlearn.storage import open_store
+
+    out = tmp_path / "o"
+    opts = dict(n_requests=1, strategies=["sequential"], tiny=True, out=out, progress=False)
+    run_continual(ContinualOptions(**opts, budget_s=0.0))  # renders the request's picture, runs nothing
+    seed = continual_seeds(1)[0]
+    queue = Queue(open_store(_paths(out, "sequential")["store"]), lease_seconds=1.0)
+    rec, _ = queue.submit(out / "requests" / f"seed-{seed}.png", seed=seed)
+    assert [r.id for r in queue.claim("stopped-run", 1)] == [rec.id]  # the stopped run's claim, left behind
+
+    row = run_continual(ContinualOptions(**opts))["runs"]["sequential"][0]
+    assert row["request_id"] == rec.id and "gave up" not in (row["reason"] or ""), row
+    assert row["result"] in ("done", "failed") and row["request"]["sscd_new"] is not None, row  # it was tried
+    assert row["statuses"] and row["statuses"][0] != "idle", row
+
+
 @pytest.mark.slow
 def test_tiny_benchmark_records_every_seed_per_strategy_resumes_and_keeps_failures(tmp_path, monkeypatch):
     from ray_unlearn.platform import continual

@@ -14,11 +14,12 @@ not_produced, and every processor result on the way, e.g. returned), its reason 
 base -> new, the request's own integrity SSIM, training seconds), the serving version's integrity
 SSIM / LPIPS / FID against the base, the re-verification of every done request on it (SSCD /
 threshold), and the wall time. Rows go to OUT/<strategy>/rows.json after every request, so a
-stopped run resumes where it stopped; then continual.json, continual.md, integrity.png and
+stopped run resumes where it stopped (the request it was processing is tried again once its lease
+runs out: the stopped run's claim is no try); then continual.json, continual.md, integrity.png and
 heatmap.png.
 
 `single=True` (`--single`): each request alone on the base model instead, a fresh store and
-registry per seed (OUT/<strategy>/single-<seed>/): issue 12's single-request targets (mean integrity
+registry per seed (OUT/<strategy>/single-<seed>/): the single-request targets (mean integrity
 SSIM, none below the bound, every target forgotten), written to single.json and single.md.
 """
 
@@ -158,7 +159,9 @@ def run_request(strategy: str, i: int, seed: int, picture: Path, overrides: list
             break
         if rec.state == "claimed":
             _wait_for_lease(rec)
-        out = Processor(str(paths["store"]), tracking_uri=paths["tracking"], limit=1, max_attempts=1,
+        # one try per request; a claim a stopped run left behind was no try of the method's, so it does
+        # not count (with max_attempts=1 the processor would give the request up unseen)
+        out = Processor(str(paths["store"]), tracking_uri=paths["tracking"], limit=1, max_attempts=rec.attempts + 1,
                         overrides=overrides, lease_seconds=lease_seconds).run()
         outcomes.append(out)
     rec = queue.get(rec.id)
