@@ -728,8 +728,8 @@ DEMO_SEEDS = random.Random(2026).sample(range(100, 1_000_000), 6)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # six requests with their rounds and retries on the demo model: 22 min on 2 loaded cores
-def test_demo_batch_settles_every_drawn_request_and_an_integrity_failure_moves_no_alias(tmp_path):
+@pytest.mark.timeout(3000)  # six requests with their rounds and retries on the demo model, in one batch or two: 12-19 min on 2 loaded cores
+def test_demo_batch_of_drawn_requests_ends_with_every_one_done_and_forgotten_and_a_failed_gate_moves_no_alias(tmp_path):
     from ray_unlearn.config import load_config
     from ray_unlearn.data import save_image
     from ray_unlearn.engine import load_family
@@ -760,36 +760,46 @@ def test_demo_batch_settles_every_drawn_request_and_an_integrity_failure_moves_n
     assert registry(uri, "ray-unlearn-hotfix").serving() is None  # no alias moved
     assert Queue(open_store(store)).get(ids[0]).state == "pending"
 
-    good = _cli("--limit", str(len(DEMO_SEEDS)), "--set", f"cache_dir={cache}", "--json", env=env, timeout=2300)
-    print(good.stdout[-4000:], good.stderr[-4000:])
-    out = json.loads(good.stdout.strip().splitlines()[-1])
-    assert good.returncode == out["exit_code"]  # the exit status follows the outcome (docs/requests.md)
-    results = {r["id"]: r for r in out["requests"]}
-    assert set(results) == set(ids)  # every request tried: none dropped silently
+    # the schedule: one batch takes all six; a request it returns (not forgotten yet, or its training
+    # brought a done one back) is what the next scheduled batch takes, on the version the first promoted
+    batches = []
+    for _ in range(2):
+        pending = [rid for rid in ids if Queue(open_store(store)).get(rid).state == "pending"]
+        if not pending:
+            break
+        good = _cli("--limit", str(len(DEMO_SEEDS)), "--set", f"cache_dir={cache}", "--json", env=env, timeout=2300)
+        print(good.stdout[-4000:], good.stderr[-4000:])
+        out = json.loads(good.stdout.strip().splitlines()[-1])
+        assert good.returncode == out["exit_code"]  # the exit status follows the outcome (docs/requests.md)
+        results = {r["id"]: r for r in out["requests"]}
+        assert set(results) == set(pending)  # every pending request tried: none dropped silently
+        for rid, res in results.items():
+            if res["result"] != "done":  # returned with the reason and its figures, never dropped
+                assert res["result"] == "returned" and res["reason"], res
+                assert "SSCD" in res["reason"] or "not specific" in res["reason"], res
+            print(f"batch {len(batches) + 1}: {rid}: {res['result']} {res.get('reason') or ''}")
+        batches.append(out)
+    assert batches[0]["status"] == "promoted"
     q = Queue(open_store(store))
-    done = [rid for rid in ids if results[rid]["result"] == "done"]
+    states = {rid: q.get(rid).state for rid in ids}
+    print(f"drawn seeds {DEMO_SEEDS}: " + ", ".join(
+        f"batch {i + 1}: {sum(r['result'] == 'done' for r in b['requests'])}/{len(b['requests'])} done"
+        for i, b in enumerate(batches)))
+    assert all(st == "done" for st in states.values()), states
     for rid in ids:
-        rec, res = q.get(rid), results[rid]
-        if res["result"] == "done":
-            e = rec.evidence
-            assert rec.state == "done" and rec.image_key is None
-            assert e["sscd_new"] < e["threshold"]["value"] < e["sscd_base"] and e["threshold"]["kind"] == "calibrated"
-            assert e["sscd_final"] < e["threshold"]["value"]  # still forgotten after every later request
-            print(f"{rid} seed {e['seed']}: done, SSCD {e['sscd_base']:.3f} -> {e['sscd_new']:.3f} < {e['threshold']['value']:.3f}")
-        else:  # not forgotten, or refused by a gate: back in the queue or failed, with the reason and its figures
-            assert res["result"] in ("returned", "failed", "not_produced") and res["reason"], res
-            assert rec.state in ("pending", "failed", "not_produced") and rec.state != "done"
-            assert "SSCD" in res["reason"] or "gate" in res["reason"] or "not specific" in res["reason"], res
-            if rec.state == "failed":  # the figures that made it fail are on the record, not only in the text
-                assert {"sscd_base", "sscd_new", "integrity_ssim"} <= set(rec.evidence["last_attempt"]), rec.evidence
-            print(f"{rid} seed {rec.seed}: {res['result']}: {res['reason']}")
+        e = q.get(rid).evidence
+        assert q.get(rid).image_key is None  # the requester's picture is purged once done
+        assert e["sscd_new"] < e["threshold"]["value"] < e["sscd_base"] and e["threshold"]["kind"] == "calibrated"
+        assert e["sscd_final"] < e["threshold"]["value"]  # still forgotten after the rest of its batch
+        print(f"{rid} seed {e['seed']}: done in {e['batch']}, SSCD {e['sscd_base']:.3f} -> {e['sscd_new']:.3f} "
+              f"< {e['threshold']['value']:.3f}")
+    # the serving version is the last batch's, and on it every request done before is still forgotten
     v = registry(uri, "ray-unlearn-hotfix").serving()
-    if done:  # an alias moves only to a version holding exactly the requests that passed every gate
-        assert v is not None and v.version == 1 and set(v.tags["requests"].split(",")) == set(done)
-        assert float(v.tags["integrity_ssim"]) >= 0.6
-    else:
-        assert v is None and out["status"] != "promoted"
-    print(f"drawn seeds {DEMO_SEEDS}: {len(done)}/{len(DEMO_SEEDS)} done; batch status {out['status']}")
+    assert v is not None and v.version == len(batches) and float(v.tags["integrity_ssim"]) >= 0.6
+    last = batches[-1]
+    assert set(v.tags["requests"].split(",")) == {r["id"] for r in last["requests"] if r["result"] == "done"}
+    earlier = set(ids) - set(v.tags["requests"].split(","))
+    assert {r["id"] for r in last["reverified"]} >= earlier and all(r["forgotten"] is True for r in last["reverified"])
 
 
 def test_anchored_replay_trains_each_request_with_the_done_ones_and_the_new_target_keeps_its_share(
