@@ -290,7 +290,8 @@ class TrainConfig(_Strict):
     round_lr_growth: float = Field(
         1.0, ge=0.5, le=2.0, description="Each extra round trains at `lr` times this to the power of the round "
         "(1.0 = the same lr throughout). Above 1 a target that resists gets a stronger push, while an easy one, "
-        "which stops after a round or two, never sees it; below 1 the later rounds move the weights less, meant to "
+        "which stops after a round or two, never sees it (1.15 on the continual benchmark: 15 of 20 done against 14, at "
+        "final integrity SSIM 0.827 against 0.890); below 1 the later rounds move the weights less, meant to "
         "keep a long run of rounds from wandering (not measured yet).",
     )
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
